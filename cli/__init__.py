@@ -1,0 +1,1 @@
+"""The ``spectra`` command-line application (installed as ``spectra_cli``)."""
