@@ -1,0 +1,39 @@
+"""spectra: per-class Hessian spectral analysis for PyTorch.
+
+The Hessian studied is ``H = ∇²_θ (1/N) Σ_i ℓ(f_θ(x_i), y_i)`` — the Hessian
+of the **mean** loss over every sample of a (class-filtered) data set, w.r.t.
+the chosen parameters θ, with the model in eval mode by default. Products
+``H @ v`` are exact (forward-over-reverse autodiff); eigenvalues come from
+restarted block Lanczos with residual-based stopping, densities from
+stochastic Lanczos quadrature, traces from Hutchinson / Hutch++.
+
+Example::
+
+    import torch, spectra
+    H = spectra.HessianOperator(model, torch.nn.CrossEntropyLoss(),
+                                spectra.class_subset((x, y), 9), dtype=torch.float64)
+    res = spectra.eigenvalues(H, k=1, which="both", tol=1e-6)
+    print(res.top[0], res.bottom[0], res.top_residuals, res.bottom_residuals)
+"""
+from __future__ import annotations
+
+from .data import as_batches, class_subset
+from .density import DensityResult, density
+from .eigenvalues import EigenResult, eigenvalues
+from .operator import HessianOperator
+from .trace import TraceResult, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HessianOperator",
+    "eigenvalues",
+    "EigenResult",
+    "density",
+    "DensityResult",
+    "trace",
+    "TraceResult",
+    "class_subset",
+    "as_batches",
+    "__version__",
+]
