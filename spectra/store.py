@@ -1,0 +1,470 @@
+"""HDF5 results store: one self-describing group per analysis result.
+
+Layout (``schema_version`` 1; documented in ``docs/hdf5-schema.md`` and, as a
+JSON string, in the file's own root attribute ``schema_doc``)::
+
+    /                  attrs: schema="spectra-results", schema_version, schema_doc, created_utc
+    /entries/<key>     one result; attrs = provenance (see PROVENANCE), complete=True
+        eigs:    top, bottom, top_residuals, bottom_residuals   (float64 vectors)
+        density: nodes, weights (P×m), grid, values (G,)
+        trace:   estimate, stderr                              (float64 scalars)
+
+``<key>`` = ``{checkpoint sha256[:16]}_class{c:04d}_{kind}_{settings hash[:16]}``,
+so a result is identified by what was analysed and how; a rerun with the same
+settings finds its key and skips the work.
+
+Crash safety. An entry is written under ``/entries/.tmp-<key>``, flushed, then
+renamed to its key and flushed again; the file is open only while an entry is
+committed (never during the computation), so a killed writer leaves a
+readable file with whole entries, and at most a ``.tmp-*`` group that readers
+ignore and the next writer deletes. One writer at a time: an exclusive
+``fcntl.flock`` on the sidecar ``<file>.lock`` (which records the holder's
+pid) refuses a second writer with :class:`StoreLockedError`.
+
+Readers (``read_results``, ``eigen_table``, ``density_record``) need only h5py
+and return numpy arrays; ``eigen_table`` gives per-class series over epochs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "PROVENANCE",
+    "RESULT_DATASETS",
+    "StoreError",
+    "StoreLockedError",
+    "ResultRecord",
+    "EigenSeries",
+    "entry_key",
+    "ResultsWriter",
+    "read_results",
+    "stored_keys",
+    "runs",
+    "class_names",
+    "eigen_table",
+    "density_record",
+    "schema_doc",
+]
+
+SCHEMA = "spectra-results"
+SCHEMA_VERSION = 1
+ENTRIES = "entries"
+_TMP_PREFIX = ".tmp-"
+
+# Provenance attributes of every entry: name -> meaning. Attributes listed in
+# _JSON_ATTRS hold JSON text (HDF5 attributes cannot hold nested mappings).
+PROVENANCE: dict[str, str] = {
+    "kind": "analysis: 'eigs' (extreme eigenvalues), 'density' (spectral density, SLQ) or 'trace'",
+    "settings_hash": "SHA-256 of the canonical JSON of everything that determines the result "
+                     "(kind, algorithm parameters, seed, dtype, loss, parameter selection, data set spec, class)",
+    "checkpoint_path": "path of the checkpoint file as given",
+    "checkpoint_sha256": "SHA-256 of the checkpoint file's bytes",
+    "checkpoint_format": "spectra | reference | state_dict | torchscript | pickled-module",
+    "epoch": "completed training epochs of the checkpoint (-1 if unknown)",
+    "run": "name of the folder holding the checkpoint (groups the epochs of one training run)",
+    "method": "training method recorded in the checkpoint ('' if unknown)",
+    "model": "architecture name (built-in name or package.module:Class)",
+    "model_kwargs": "JSON: keyword arguments the architecture was built with",
+    "dataset": "JSON: data set spec (spectra.datasets.DatasetSpec dict, or {'factory': 'pkg.mod:func'})",
+    "split": "data split the Hessian was computed on ('train' or 'test')",
+    "class_index": "class whose samples define the Hessian",
+    "class_name": "name of that class",
+    "num_samples": "number of samples of that class used",
+    "sample_indices_sha256": "SHA-256 of the samples' indices into the split (int64 little-endian)",
+    "class_counts": "JSON: samples per class in the split (before --max-samples)",
+    "loss_fn": "loss whose Hessian is analysed ('ce' = mean cross-entropy)",
+    "loss": "value of that mean loss over the class samples at the checkpoint",
+    "algorithm": "lanczos (eigs) | slq (density) | hutch++ / hutchinson (trace)",
+    "algorithm_params": "JSON: parameters of the algorithm (k, tol, max_iter / probes, steps / ...)",
+    "params": "JSON: parameter-name patterns the Hessian is restricted to (null = all trainable)",
+    "num_params": "dimension of the Hessian (number of scalar parameters)",
+    "hvp_method": "how Hessian-vector products were formed",
+    "seed": "random seed of the algorithm",
+    "dtype": "floating-point type of the Hessian-vector products",
+    "device": "device the products ran on",
+    "num_matvecs": "Hessian-vector products spent",
+    "spectra_version": "spectra version that computed the entry",
+    "torch_version": "torch version that computed the entry",
+    "wall_time_s": "wall-clock seconds of the computation",
+    "created_utc": "ISO-8601 time the entry was written",
+    "complete": "True once the entry is whole (set before the atomic rename)",
+}
+_JSON_ATTRS = frozenset({"model_kwargs", "dataset", "class_counts", "algorithm_params", "params"})
+
+RESULT_DATASETS: dict[str, dict[str, str]] = {
+    "eigs": {
+        "top": "largest eigenvalues, descending",
+        "bottom": "smallest eigenvalues, ascending",
+        "top_residuals": "||Hv - λv|| of each top eigenpair",
+        "bottom_residuals": "||Hv - λv|| of each bottom eigenpair",
+    },
+    "density": {
+        "nodes": "Ritz values per probe (P × m), the quadrature nodes",
+        "weights": "quadrature weights per probe (P × m); each row sums to 1",
+        "grid": "points where the smoothed density is evaluated",
+        "values": "smoothed density on the grid (integrates to 1)",
+    },
+    "trace": {
+        "estimate": "trace estimate",
+        "stderr": "standard error of the estimate",
+    },
+}
+
+
+def schema_doc() -> dict[str, Any]:
+    """The schema as a JSON-able dict (stored in the root attribute ``schema_doc``)."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "layout": "/entries/<key>: one group per result; key = "
+                  "{checkpoint_sha256[:16]}_class{class_index:04d}_{kind}_{settings_hash[:16]}; "
+                  "groups named .tmp-* are uncommitted and must be ignored",
+        "entry_attributes": PROVENANCE,
+        "json_attributes": sorted(_JSON_ATTRS),
+        "entry_datasets": RESULT_DATASETS,
+        "docs": "docs/hdf5-schema.md",
+    }
+
+
+class StoreError(Exception):
+    """A results file cannot be read or written; the message is one line."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the writer lock."""
+
+
+@dataclass
+class ResultRecord:
+    """One stored result: provenance attributes and result arrays."""
+
+    provenance: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        p = self.provenance
+        return entry_key(p["checkpoint_sha256"], int(p["class_index"]), p["kind"], p["settings_hash"])
+
+    @property
+    def kind(self) -> str:
+        return str(self.provenance["kind"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.provenance.get("epoch", -1))
+
+    @property
+    def class_index(self) -> int:
+        return int(self.provenance["class_index"])
+
+    @property
+    def run(self) -> str:
+        return str(self.provenance.get("run", ""))
+
+
+class EigenSeries(NamedTuple):
+    """λmax and λmin of one class over epochs (sorted by epoch)."""
+
+    epochs: np.ndarray
+    lambda_max: np.ndarray
+    lambda_min: np.ndarray
+
+
+def entry_key(checkpoint_sha256: str, class_index: int, kind: str, settings_hash: str) -> str:
+    """Name of an entry's group: what was analysed and with which settings."""
+    return f"{checkpoint_sha256[:16]}_class{int(class_index):04d}_{kind}_{settings_hash[:16]}"
+
+
+# ------------------------------------------------------------------ decoding
+def _to_python(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _encode_attr(name: str, value: Any) -> Any:
+    if name in _JSON_ATTRS:
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in attrs.items():
+        value = _to_python(raw)
+        if name in _JSON_ATTRS and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------ opening
+def _check_schema(f: h5py.File, path: Path) -> None:
+    schema = _to_python(f.attrs.get("schema"))
+    if schema != SCHEMA:
+        raise StoreError(f"{path} is an HDF5 file but not a spectra results file (no schema='{SCHEMA}' attribute)")
+    version = int(_to_python(f.attrs.get("schema_version", 0)))
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} uses results schema version {version}; this spectra reads up to {SCHEMA_VERSION}")
+
+
+@contextmanager
+def _open_for_reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    if not h5py.is_hdf5(path):
+        raise StoreError(f"{path} is not an HDF5 file")
+    try:
+        # No HDF5 file lock for readers: the single writer only ever adds
+        # whole entries and readers skip uncommitted ones.
+        f = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    with f:
+        _check_schema(f, path)
+        yield f
+
+
+def _committed(f: h5py.File) -> Iterator[tuple[str, h5py.Group]]:
+    if ENTRIES not in f:
+        return
+    for name, group in f[ENTRIES].items():
+        if name.startswith(_TMP_PREFIX) or not bool(group.attrs.get("complete", False)):
+            continue
+        yield name, group
+
+
+# ------------------------------------------------------------------ writing
+class ResultsWriter:
+    """The one writer of a results file; use as a context manager.
+
+    >>> with ResultsWriter("results.h5") as w:        # doctest: +SKIP
+    ...     if not w.has(key): w.write(record)
+
+    The constructor takes the writer lock (or raises :class:`StoreLockedError`),
+    creates the file with its schema attributes if needed (refusing foreign
+    files), deletes uncommitted ``.tmp-*`` groups left by a killed writer and
+    remembers the committed keys.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], open_retry_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.open_retry_s = open_retry_s
+        self._lock_fd: int | None = None
+        self._keys: set[str] = set()
+        self._acquire_lock()
+        try:
+            self._prepare_file()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- locking
+    def _acquire_lock(self) -> None:
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot write results file {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"{self.path} is being written by another process (pid {holder})"
+                ) from exc
+            raise StoreError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the writer lock (the sidecar file stays: deleting it would race)."""
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- file access
+    def _open(self) -> h5py.File:
+        """Open for writing, waiting out short-lived HDF5 locks of other tools."""
+        deadline = time.monotonic() + self.open_retry_s
+        while True:
+            try:
+                return h5py.File(self.path, "a")
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"cannot open {self.path}: it stays locked by another HDF5 program")
+                time.sleep(0.2)
+            except OSError as exc:
+                raise StoreError(f"cannot write results file {self.path}: {str(exc).splitlines()[0]}") from exc
+
+    def _prepare_file(self) -> None:
+        if self.path.exists():
+            if not self.path.is_file() or not h5py.is_hdf5(self.path):
+                raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
+            with self._open() as f:
+                _check_schema(f, self.path)
+                if ENTRIES in f:
+                    for name in [n for n in f[ENTRIES] if n.startswith(_TMP_PREFIX)]:
+                        del f[ENTRIES][name]  # left by a killed writer
+                self._keys = {name for name, _ in _committed(f)}
+            return
+        with self._open() as f:
+            f.attrs["schema"] = SCHEMA
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["schema_doc"] = json.dumps(schema_doc(), sort_keys=True)
+            f.attrs["created_utc"] = _utc_now()
+            f.require_group(ENTRIES)
+
+    # -- entries
+    def has(self, key: str) -> bool:
+        """True if a committed entry named ``key`` exists."""
+        return key in self._keys
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self._keys)
+
+    def write(self, record: ResultRecord) -> str:
+        """Commit ``record`` whole (temporary group → flush → rename); returns its key.
+
+        An existing entry with the same key is replaced (same inputs, same settings).
+        """
+        if self._lock_fd is None:
+            raise StoreError(f"writer of {self.path} is closed")
+        key = record.key
+        tmp = f"{_TMP_PREFIX}{key}"
+        with self._open() as f:
+            entries = f.require_group(ENTRIES)
+            if tmp in entries:
+                del entries[tmp]
+            group = entries.create_group(tmp)
+            for name, value in record.provenance.items():
+                if name != "complete":
+                    group.attrs[name] = _encode_attr(name, value)
+            group.attrs.setdefault("created_utc", _utc_now())
+            for name, array in record.arrays.items():
+                group.create_dataset(name, data=np.asarray(array))
+            group.attrs["complete"] = True
+            f.flush()
+            if key in entries:
+                del entries[key]
+            f.move(f"{ENTRIES}/{tmp}", f"{ENTRIES}/{key}")
+            f.flush()
+        self._keys.add(key)
+        return key
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------ reading
+def _read_group(group: h5py.Group) -> ResultRecord:
+    arrays = {name: np.asarray(ds[()]) for name, ds in group.items() if isinstance(ds, h5py.Dataset)}
+    return ResultRecord(provenance=_decode_attrs(group.attrs), arrays=arrays)
+
+
+def read_results(path: str | os.PathLike[str], kind: str | None = None) -> list[ResultRecord]:
+    """All committed entries (optionally of one ``kind``), sorted by run, epoch, class, kind."""
+    with _open_for_reading(path) as f:
+        records = [
+            _read_group(g) for _, g in _committed(f)
+            if kind is None or _to_python(g.attrs.get("kind")) == kind
+        ]
+    records.sort(key=lambda r: (r.run, r.epoch, r.class_index, r.kind, str(r.provenance.get("created_utc", ""))))
+    return records
+
+
+def stored_keys(path: str | os.PathLike[str]) -> set[str]:
+    """Keys of the committed entries."""
+    with _open_for_reading(path) as f:
+        return {name for name, _ in _committed(f)}
+
+
+def runs(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the training runs (checkpoint folders) present, sorted."""
+    return sorted({r.run for r in read_results(path)})
+
+
+def class_names(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Class index → class name, over all entries."""
+    return {r.class_index: str(r.provenance.get("class_name", r.class_index)) for r in read_results(path)}
+
+
+def _select_run(records: list[ResultRecord], run: str | None, path: str | os.PathLike[str]) -> list[ResultRecord]:
+    names = sorted({r.run for r in records})
+    if run is None:
+        if len(names) > 1:
+            raise ValueError(f"{path} holds several runs ({', '.join(names)}); choose one (run=... / --run)")
+        return records
+    if run not in names:
+        raise ValueError(f"run {run!r} not in {path}; runs: {', '.join(names) or 'none'}")
+    return [r for r in records if r.run == run]
+
+
+def eigen_table(path: str | os.PathLike[str], run: str | None = None) -> dict[int, EigenSeries]:
+    """Per class, λmax and λmin over epochs: ``{class: (epochs, lambda_max, lambda_min)}``.
+
+    Uses the ``eigs`` entries of one run (required when the file holds several);
+    when one (class, epoch) was analysed several times the newest entry wins.
+    """
+    records = _select_run(read_results(path, kind="eigs"), run, path)
+    newest: dict[tuple[int, int], ResultRecord] = {}
+    for r in records:  # sorted by creation time within (run, epoch, class)
+        newest[(r.class_index, r.epoch)] = r
+    table: dict[int, EigenSeries] = {}
+    for c in sorted({c for c, _ in newest}):
+        rows = sorted((e, r) for (cc, e), r in newest.items() if cc == c)
+        table[c] = EigenSeries(
+            epochs=np.array([e for e, _ in rows], dtype=np.int64),
+            lambda_max=np.array([r.arrays["top"][0] for _, r in rows], dtype=np.float64),
+            lambda_min=np.array([r.arrays["bottom"][0] for _, r in rows], dtype=np.float64),
+        )
+    return table
+
+
+def density_record(
+    path: str | os.PathLike[str], class_index: int, epoch: int, run: str | None = None
+) -> ResultRecord:
+    """The newest ``density`` entry of one class at one epoch (of one run)."""
+    records = [r for r in read_results(path, kind="density") if r.class_index == class_index and r.epoch == epoch]
+    if not records:
+        raise ValueError(f"no density entry for class {class_index} at epoch {epoch} in {path}")
+    return _select_run(records, run, path)[-1]
