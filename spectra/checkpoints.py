@@ -24,6 +24,7 @@ arbitrary code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import zipfile
@@ -324,9 +325,56 @@ def _epoch_of(obj: Any, path: Path) -> int:
     return -1 if found is None else found
 
 
+def _method_text(method: Any) -> str | None:
+    if method is None:
+        return None
+    return method if isinstance(method, str) else json.dumps(method, sort_keys=True, default=str)
+
+
 def _class_name(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _builtin_match(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]] | None:
+    """The built-in architecture whose weights have exactly these names and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    kwargs = _infer_builtin_kwargs(state_dict)
+    if not kwargs:
+        return None
+    for name in MODELS:
+        own = build_model(name, **kwargs).state_dict()
+        if {k: tuple(v.shape) for k, v in own.items()} == shapes:
+            return name, kwargs
+    return None
+
+
+def _load_torchscript(
+    path: Path, sha: str, arch: str | None, arch_kwargs: Mapping[str, Any] | None, map_location: Any
+) -> LoadedCheckpoint:
+    """A TorchScript archive, rebuilt as an eager model when its architecture is
+    known (``arch``) or recognised among the built-ins: Hessian machinery built
+    on ``torch.func`` cannot differentiate a scripted module functionally."""
+    try:
+        scripted = torch.jit.load(str(path), map_location=map_location)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read TorchScript archive {path}: {_first_line(exc)}") from exc
+    found = epoch_from_filename(path)
+    epoch = -1 if found is None else found
+    state_dict = {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+    if arch is not None:
+        kwargs = {**(_infer_builtin_kwargs(state_dict) if arch in MODELS else {}), **(arch_kwargs or {})}
+        match: tuple[str, dict[str, Any]] | None = (arch, kwargs)
+    else:
+        match = _builtin_match(state_dict)
+    if match is None:
+        return LoadedCheckpoint(model=scripted, path=path, sha256=sha, epoch=epoch, format="torchscript",
+                                arch=f"torchscript:{getattr(scripted, 'original_name', 'module')}")
+    name, kwargs = match
+    model = _build(name, kwargs)
+    _load_weights(model, state_dict, name)
+    return LoadedCheckpoint(model=model.eval(), path=path, sha256=sha, epoch=epoch, format="torchscript",
+                            arch=name, arch_kwargs=kwargs, num_classes=kwargs.get("num_classes"))
 
 
 def load_checkpoint(
@@ -352,15 +400,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     sha = file_sha256(path)
     if _is_torchscript(path):
-        try:
-            model = torch.jit.load(str(path), map_location=map_location)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read TorchScript archive {path}: {_first_line(exc)}") from exc
-        epoch = epoch_from_filename(path)
-        return LoadedCheckpoint(
-            model=model, path=path, sha256=sha, epoch=-1 if epoch is None else epoch,
-            format="torchscript", arch=f"torchscript:{getattr(model, 'original_name', 'module')}",
-        )
+        return _load_torchscript(path, sha, arch, arch_kwargs, map_location)
 
     obj = _torch_load(path, trust, map_location)
     epoch = _epoch_of(obj, path)
@@ -423,6 +463,6 @@ def load_checkpoint(
         class_names=list(meta["class_names"]) if isinstance(meta.get("class_names"), (list, tuple)) else None,
         class_counts=[int(c) for c in meta["class_counts"]] if isinstance(meta.get("class_counts"), (list, tuple)) else None,
         dataset=dict(meta["dataset"]) if isinstance(meta.get("dataset"), Mapping) else None,
-        method=str(meta["method"]) if meta.get("method") is not None else None,
+        method=_method_text(meta.get("method")),
         extra=extra,
     )

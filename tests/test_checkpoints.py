@@ -146,8 +146,20 @@ def test_torchscript_archive(tmp_path, net):
     path = tmp_path / "scripted_epoch3.pt"
     torch.jit.save(torch.jit.trace(net, torch.randn(2, 3, 32, 32)), str(path))
     ck = load_checkpoint(path)
-    assert ck.format == "torchscript" and ck.epoch == 3
+    # A recognised built-in is rebuilt eagerly (torch.func cannot differentiate scripts).
+    assert ck.format == "torchscript" and ck.epoch == 3 and ck.arch == "resnet20"
+    assert not isinstance(ck.model, torch.jit.ScriptModule)
     assert _same_outputs(ck.model, net)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_unrecognised_torchscript_stays_scripted(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).eval()
+    path = tmp_path / "seq.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    ck = load_checkpoint(path)
+    assert isinstance(ck.model, torch.jit.ScriptModule) and ck.arch.startswith("torchscript:")
+    assert _same_outputs(ck.model, model)
 
 
 def test_pickled_module_refused_unless_trusted(tmp_path, net):

@@ -1,0 +1,144 @@
+"""Figures of stored results: |λmin/λmax| per class over epochs, spectral densities.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
+through ``pyplot``: no global backend is switched and nothing needs a display,
+so the functions are safe inside notebooks, servers and test runs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from spectra.store import EigenSeries, ResultRecord
+
+__all__ = ["head_to_tail_order", "saddle_ratio", "plot_ratio", "plot_density", "save_figure"]
+
+# Head classes blue, tail classes red.
+_COLORMAP = "coolwarm"
+_MAX_LEGEND_CLASSES = 12
+
+
+def saddle_ratio(series: EigenSeries) -> np.ndarray:
+    """|λmin / λmax| per epoch: large values mean strong negative curvature
+    relative to the sharpest direction (a saddle point rather than a minimum)."""
+    return np.abs(series.lambda_min / series.lambda_max)
+
+
+def head_to_tail_order(classes: Sequence[int], sizes: Mapping[int, int] | None) -> list[int]:
+    """Classes from the most to the least frequent (ties and unknown sizes by index)."""
+    sizes = sizes or {}
+    return sorted(classes, key=lambda c: (-sizes.get(c, 0), c))
+
+
+def save_figure(fig: Figure, out: str | os.PathLike[str], dpi: int = 150) -> Path:
+    """Render ``fig`` with the Agg canvas to ``out`` (format from the suffix)."""
+    out = Path(out)
+    FigureCanvasAgg(fig)
+    fig.savefig(out, dpi=dpi, bbox_inches="tight")
+    return out
+
+
+def plot_ratio(
+    tables: Mapping[str, Mapping[int, EigenSeries]],
+    class_names: Mapping[int, str] | None = None,
+    class_sizes: Mapping[int, int] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    log_scale: bool | None = None,
+    title: str | None = None,
+) -> Figure:
+    """|λmin/λmax| per class over epochs; one panel per run, one line per class.
+
+    ``tables``: run label → :func:`spectra.store.eigen_table` output. Lines are
+    coloured from head (blue, most samples) to tail (red). ``log_scale=None``
+    picks a log axis when the ratios span more than two decades.
+    """
+    class_names = class_names or {}
+    all_classes = sorted({c for table in tables.values() for c in table})
+    if not all_classes:
+        raise ValueError("no eigenvalue entries to plot")
+    order = head_to_tail_order(all_classes, class_sizes)
+    cmap = colormaps[_COLORMAP]
+    colour = {c: cmap(i / max(len(order) - 1, 1)) for i, c in enumerate(order)}
+    ratios = [saddle_ratio(s) for table in tables.values() for s in table.values()]
+    positive = np.concatenate([r[r > 0] for r in ratios]) if ratios else np.array([])
+    if log_scale is None:
+        log_scale = positive.size > 0 and positive.max() / positive.min() > 100
+
+    fig = Figure(figsize=(5.5 * len(tables) + 1.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    for ax, (run, table) in zip(axes, tables.items()):
+        for c in order:
+            if c not in table:
+                continue
+            series = table[c]
+            label = f"{c}: {class_names.get(c, c)}"
+            if class_sizes and c in class_sizes:
+                label += f" (n={class_sizes[c]})"
+            ax.plot(series.epochs, saddle_ratio(series), marker="o", markersize=3, linewidth=1.6,
+                    color=colour[c], label=label)
+        ax.set_title(run)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        if log_scale:
+            ax.set_yscale("log")
+    axes[0].set_ylabel(r"$|\lambda_{\min} / \lambda_{\max}|$")
+    if len(order) <= _MAX_LEGEND_CLASSES:
+        axes[-1].legend(title="class (head → tail)", fontsize=8, title_fontsize=8,
+                        loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(0, len(order) - 1), cmap=colormaps[_COLORMAP]), ax=axes[-1])
+        bar.set_label("class rank by size (0 = head)")
+    fig.suptitle(title or "Per-class Hessian: negative vs positive curvature")
+    if out is not None:
+        save_figure(fig, out)
+    return fig
+
+
+def plot_density(
+    records: Sequence[ResultRecord] | ResultRecord,
+    out: str | os.PathLike[str] | None = None,
+    extremes: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Spectral density (log scale) of one or more ``density`` entries.
+
+    ``extremes``: (λmin, λmax) from an ``eigs`` entry, drawn as dashed lines.
+    The density is floored at 1e-10 × its peak so the log axis stays readable.
+    """
+    items = [records] if isinstance(records, ResultRecord) else list(records)
+    if not items:
+        raise ValueError("no density entries to plot")
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["viridis"]
+    for i, rec in enumerate(items):
+        grid, values = rec.arrays["grid"], rec.arrays["values"]
+        floor = max(float(values.max()), 1e-300) * 1e-10
+        p = rec.provenance
+        label = f"{p.get('run', '')} epoch {p.get('epoch')}, class {p.get('class_index')} ({p.get('class_name', '')})"
+        ax.semilogy(grid, np.maximum(values, floor), color=cmap(i / max(len(items) - 1, 1)) if len(items) > 1 else "C0",
+                    linewidth=1.4, label=label)
+    if extremes is not None:
+        for value, name in zip(extremes, (r"$\lambda_{\min}$", r"$\lambda_{\max}$")):
+            ax.axvline(value, color="crimson", linestyle="--", linewidth=1.0, label=f"{name} = {value:.4g}")
+    ax.axvline(0.0, color="grey", linewidth=0.6)
+    ax.set_xlabel(r"eigenvalue $\lambda$")
+    ax.set_ylabel("density (log scale)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    first = items[0].provenance
+    ax.set_title(title or (
+        f"Hessian spectral density — class {first.get('class_index')} ({first.get('class_name', '')}), "
+        f"{first.get('num_samples')} samples"
+    ), fontsize=10)
+    if out is not None:
+        save_figure(fig, out)
+    return fig
