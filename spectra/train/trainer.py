@@ -1,0 +1,501 @@
+"""The training loop: device-resident data, one static-shape step, optional
+CUDA-graph capture / ``torch.compile``, evaluation, checkpoints and resume.
+
+A step reads a fixed-size uint8 batch from static buffers, so the same Python
+function runs eagerly or as a replayed CUDA graph. Everything that changes
+between steps or epochs (batch, learning rate, class weights, noise) is
+written into tensors outside the step; nothing inside it synchronises with
+the host. Training loss and accuracy accumulate on the device and are read
+once per epoch.
+
+Determinism: model init uses ``torch.manual_seed(seed)``; all per-epoch
+randomness (shuffle, crops, flips, PGD / LPF noise) comes from generators
+seeded with ``(seed, epoch)``. Resuming from ``last.pt`` therefore replays the
+exact same computation; on the CPU the resumed run ends with bit-identical
+weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..datasets import CIFAR_MEAN, CIFAR_STD, DatasetSpec, LoadedDataset, load_dataset
+from ..models import MODELS, build_model
+from .augment import EpochBatches, epoch_generator
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    checkpoint_name,
+    load_training_checkpoint,
+)
+from .config import TrainConfig
+from .evaluation import evaluate, tail_classes
+from .losses import build_loss, effective_number_weights
+from .noise import lpf_noise, pgd_perturbation, split_like
+from .sam import global_grad_norm, sam_perturbation
+from .schedule import drw_active, learning_rate
+from .sgd import TensorLRSGD
+
+__all__ = ["Trainer", "FitResult", "fit", "resolve_device"]
+
+# Stream ids of epoch_generator: one independent random stream per purpose.
+_DATA_STREAM, _NOISE_STREAM = 0, 1
+
+
+def _spectra_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("spectra-hessian")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
+    return device
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+class _StepState:
+    """Tensors a training step reads and writes (fixed addresses for graph replay)."""
+
+    def __init__(self, batch_size: int, device: torch.device, num_params: int, noise_rows: int, channels_last: bool) -> None:
+        self.x = torch.zeros(batch_size, 3, 32, 32, dtype=torch.uint8, device=device)
+        self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255.0)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.noise = torch.zeros(noise_rows, num_params, device=device) if noise_rows else None
+        self.pgd_since = torch.zeros((), device=device)
+        self.pgd_count = torch.zeros((), device=device)
+        self.channels_last = channels_last
+
+    def model_input(self) -> torch.Tensor:
+        """``(x/255 − mean)/std`` in float32 NCHW."""
+        x = (self.x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class Trainer:
+    """One training run writing into ``out_dir`` (see :func:`fit`)."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self._load_data()
+        self._build_model()
+        self.start_epoch = 1
+        self.best: dict[str, Any] | None = None
+        self.metrics: dict[str, Any] = {}
+        if resume:
+            self._resume()
+        self.compile_mode = self._resolve_compile()
+        self._forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if self.compile_mode in ("inductor", "max"):
+            self._forward_model = torch.compile(self.model)
+        self._graph: Any = None
+        self._graph_failed = False
+
+    # ------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        c = self.config
+        spec = DatasetSpec(c.dataset, c.data_root, "train", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_train_samples)
+        self.train_set: LoadedDataset = load_dataset(spec)
+        test_spec = DatasetSpec(c.dataset, c.data_root, "test", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_test_samples)
+        test = load_dataset(test_spec)
+        self.dataset_spec = spec
+        self.class_counts = self.train_set.class_counts
+        self.num_classes = self.train_set.num_classes
+        self.test_images = test.images.to(self.device)
+        self.test_labels = test.labels.to(self.device)
+        self.batches = EpochBatches(self.train_set.images, self.train_set.labels, c.batch_size, c.seed, self.device, c.last_batch)
+
+    def _build_model(self) -> None:
+        c = self.config
+        self.arch_kwargs: dict[str, Any] = {"num_classes": self.num_classes}
+        if c.arch in MODELS or c.cosine_head:
+            self.arch_kwargs["cosine_head"] = bool(c.cosine_head)
+        torch.manual_seed(c.seed)
+        model = build_model(c.arch, **self.arch_kwargs)
+        self.model = model.to(self.device)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.loss_fn = build_loss(
+            c.loss, self.class_counts, max_margin=c.ldam_max_margin, scale=c.ldam_scale, gamma=c.vs_gamma, tau=c.vs_tau
+        ).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = TensorLRSGD(self.params, c.lr, c.momentum, c.weight_decay)
+        self.bn_modules = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        num_params = sum(p.numel() for p in self.params)
+        noise_rows = c.lpf_samples if c.optimizer == "lpf" else 1 if c.optimizer == "pgd" else 0
+        self.state = _StepState(c.batch_size, self.device, num_params, noise_rows, c.channels_last)
+        self.rho = torch.tensor(float(c.rho), device=self.device)
+        self.drw_weights = effective_number_weights(self.class_counts, c.drw_beta).to(self.device)
+        self.autocast_dtype = torch.bfloat16 if c.amp == "bf16" else None
+
+    def _resolve_compile(self) -> str:
+        mode = self.config.compile
+        if mode == "auto":
+            return "graphs" if self.device.type == "cuda" else "off"
+        if mode in ("graphs", "max") and self.device.type != "cuda":
+            warnings.warn("CUDA graphs need a CUDA device; training eagerly", stacklevel=2)
+            return "inductor" if mode == "max" else "off"
+        return mode
+
+    # --------------------------------------------------------- the step
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+            logits = self._forward_model(x)
+        loss = self.loss_fn(logits.float(), y)
+        (loss * scale if scale != 1.0 else loss).backward()
+        return loss.detach(), logits.detach()
+
+    @contextlib.contextmanager
+    def _bn_frozen(self, frozen: bool) -> Iterator[None]:
+        """BatchNorm normalises with batch statistics but leaves running stats
+        unchanged (momentum 0) — SAM's second pass with ``sam_bn='freeze'``."""
+        if not frozen:
+            yield
+            return
+        saved = [m.momentum for m in self.bn_modules]
+        for m in self.bn_modules:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, mom in zip(self.bn_modules, saved):
+                m.momentum = mom
+
+    def _train_step(self) -> None:
+        """One update from the batch in ``self.state.x/y`` (graph-capturable)."""
+        c, s = self.config, self.state
+        params, grads = self.params, self._grads
+        x, y = s.model_input(), s.y
+        torch._foreach_zero_(grads)
+        if c.optimizer == "lpf":
+            # Gradient of the Gaussian-smoothed loss: mean over M noisy copies.
+            loss, logits = None, None
+            for m in range(c.lpf_samples):
+                eps = lpf_noise(s.noise[m], params, c.lpf_sigma)
+                with torch.no_grad():
+                    torch._foreach_add_(params, eps)
+                loss_m, logits_m = self._loss_and_backward(x, y, scale=1.0 / c.lpf_samples)
+                with torch.no_grad():
+                    torch._foreach_sub_(params, eps)
+                if m == 0:
+                    loss, logits = loss_m, logits_m
+        else:
+            loss, logits = self._loss_and_backward(x, y)
+        if c.optimizer == "sam":
+            e = sam_perturbation(params, grads, self.rho, c.sam_adaptive)
+            with torch.no_grad():
+                torch._foreach_add_(params, e)
+            torch._foreach_zero_(grads)
+            with self._bn_frozen(c.sam_bn == "freeze"):
+                self._loss_and_backward(x, y)
+            with torch.no_grad():
+                torch._foreach_sub_(params, e)
+        if c.optimizer == "pgd":
+            eligible = (s.pgd_since >= c.pgd_interval).float()
+            if c.pgd_grad_threshold is not None:
+                eligible = eligible * (global_grad_norm(grads) <= c.pgd_grad_threshold).float()
+        self.optimizer.step()
+        with torch.no_grad():
+            if c.optimizer == "pgd":
+                xi = pgd_perturbation(s.noise[0], c.pgd_radius, eligible)
+                torch._foreach_add_(params, split_like(xi, params))
+                s.pgd_since.copy_(torch.where(eligible > 0, 0.0, s.pgd_since) + 1.0)
+                s.pgd_count.add_(eligible)
+            s.loss_sum.add_(loss)
+            s.correct.add_((logits.argmax(1) == y).sum())
+
+    def _run_step(self) -> None:
+        if self.compile_mode in ("graphs", "max") and not self._graph_failed:
+            if self._graph is None:
+                self._capture()
+            if self._graph is not None:
+                self._graph.replay()
+                return
+        self._train_step()
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        tensors = [*self.params, *self.model.buffers(), *self.loss_fn.buffers()]
+        tensors += [self.optimizer.state[p]["momentum_buffer"] for p in self.params]
+        tensors += [self.state.loss_sum, self.state.correct, self.state.pgd_since, self.state.pgd_count]
+        return tensors
+
+    def _capture(self) -> None:
+        """Capture ``_train_step`` in a CUDA graph. The warm-up steps that
+        capture needs are undone (state restored), so training is unchanged."""
+        tensors = self._snapshot()
+        saved = [t.detach().clone() for t in tensors]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._train_step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._train_step()
+            self._graph = graph
+        except Exception as exc:  # capture is an optimisation: fall back to eager
+            self._graph_failed = True
+            self._graph = None
+            self.log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training eagerly")
+            torch.cuda.synchronize()
+        with torch.no_grad():
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
+
+    # -------------------------------------------------------- an epoch
+    def _begin_epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        lr = learning_rate(epoch, c.lr, c.warmup_epochs, c.resolved_lr_milestones(), c.lr_factors)
+        self.optimizer.set_lr(lr)
+        self.current_lr = lr
+        on = c.drw and drw_active(epoch, c.resolved_drw_epoch())
+        self.loss_fn.weight.copy_(self.drw_weights if on else torch.ones_like(self.drw_weights))
+        self.state.loss_sum.zero_()
+        self.state.correct.zero_()
+        return self.batches.epoch(epoch)
+
+    def _noise_for_epoch(self, epoch: int) -> torch.Generator | None:
+        if self.state.noise is None:
+            return None
+        return epoch_generator(self.config.seed, epoch, _NOISE_STREAM)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Run the steps of 1-indexed ``epoch``; returns train loss/accuracy and timing."""
+        t0 = time.perf_counter()
+        xs, ys = self._begin_epoch(epoch)
+        gen = self._noise_for_epoch(epoch)
+        s = self.state
+        for i in range(self.batches.steps):
+            s.x.copy_(xs[i])
+            s.y.copy_(ys[i])
+            if gen is not None:
+                # Drawn on the CPU from the epoch's generator: identical on every device.
+                s.noise.copy_(torch.randn(s.noise.shape, generator=gen))
+            self._run_step()
+        steps = self.batches.steps
+        loss = float(s.loss_sum) / steps  # synchronises once per epoch
+        acc = 100.0 * float(s.correct) / (steps * self.config.batch_size)
+        seconds = time.perf_counter() - t0
+        return {
+            "train_loss": loss,
+            "train_acc": acc,
+            "lr": self.current_lr,
+            "epoch_time_s": seconds,
+            "images_per_s": steps * self.config.batch_size / seconds,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        c = self.config
+        return evaluate(
+            self.model, self.test_images, self.test_labels, self.class_counts, c.eval_batch_size, c.tail_fraction, self.autocast_dtype, c.channels_last
+        )
+
+    # -------------------------------------------------- files and resume
+    def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        cpu = lambda sd: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}  # noqa: E731
+        opt = self.optimizer.state_dict()
+        opt["state"] = {k: cpu(v) for k, v in opt["state"].items()}
+        opt["param_groups"] = [cpu(g) for g in opt["param_groups"]]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "arch": self.config.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "num_classes": self.num_classes,
+            "class_names": list(self.train_set.class_names),
+            "dataset": self.dataset_spec.to_dict(),
+            "class_counts": list(self.class_counts),
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "epoch": epoch,
+            "state_dict": cpu(self.model.state_dict()),
+            "optimizer": opt,
+            "rng": {"seed": self.config.seed, "scheme": "generators seeded with (seed, epoch)", "torch_cpu": torch.get_rng_state()},
+            "train_state": {"pgd_since": self.state.pgd_since.cpu(), "pgd_count": self.state.pgd_count.cpu()},
+            "metrics": self.metrics,
+            "best": self.best,
+            "spectra_version": _spectra_version(),
+        }
+
+    def _resume(self) -> None:
+        path = self.out_dir / "last.pt"
+        if not path.is_file():
+            self.log(f"--resume: no {path}; starting from scratch")
+            return
+        ckpt = load_training_checkpoint(path, map_location="cpu")
+        saved = dict(ckpt["config"])
+        mine = self.config.to_dict()
+        # Run-control settings may change on resume; the recipe may not.
+        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "spectra_every", "save_every"}
+        changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
+        if changed:
+            raise ValueError(f"--resume: settings differ from the run in {self.out_dir}: {', '.join(changed)}")
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for p in self.params:  # the base class may re-create state tensors on load
+            buf = self.optimizer.state[p]["momentum_buffer"]
+            self.optimizer.state[p]["momentum_buffer"] = buf.to(p.device)
+        self.state.pgd_since.copy_(ckpt["train_state"]["pgd_since"])
+        self.state.pgd_count.copy_(ckpt["train_state"]["pgd_count"])
+        torch.set_rng_state(ckpt["rng"]["torch_cpu"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.metrics = ckpt.get("metrics") or {}
+        self.best = ckpt.get("best")
+        self._truncate_logs(int(ckpt["epoch"]))
+        self.log(f"resumed {self.out_dir} at epoch {ckpt['epoch']}")
+
+    def _truncate_logs(self, epoch: int) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        for name in ("metrics.jsonl", "spectra.jsonl"):
+            path = self.out_dir / name
+            if path.is_file():
+                lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+                atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+
+    def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.out_dir / name, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------ driver
+    def fit(self) -> FitResult:
+        c = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out_dir / "config.json", c.to_dict())
+        self._grads = []
+        for p in self.params:  # persistent gradient tensors, accumulated in place
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._grads.append(p.grad)
+        probe = None
+        if c.spectra_every:
+            from .spectra_probe import PerClassSpectra
+
+            probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size)
+        t_start = time.perf_counter()
+        train_seconds, train_epochs = 0.0, 0
+        stopped_early = False
+        last_epoch = self.start_epoch - 1
+        bar = self._progress_bar()
+        for epoch in range(self.start_epoch, c.epochs + 1):
+            stats = self.train_epoch(epoch)
+            if epoch > self.start_epoch or epoch == c.epochs:  # the first epoch includes capture/compile
+                train_seconds += stats["epoch_time_s"]
+                train_epochs += 1
+            record: dict[str, Any] = {"epoch": epoch, **stats}
+            final = epoch == c.epochs
+            over_time = c.time_limit_s is not None and time.perf_counter() - t_start > c.time_limit_s
+            if epoch % c.eval_every == 0 or final or over_time:
+                test = self.evaluate()
+                record.update(test)
+                self.metrics = record
+                if self.best is None or test["acc"] > self.best["acc"]:
+                    self.best = {"epoch": epoch, "acc": test["acc"], "tail_acc": test["tail_acc"]}
+                self._append_jsonl("metrics.jsonl", record)
+            if probe is not None and (epoch % c.spectra_every == 0 or epoch == 1):
+                self._append_jsonl("spectra.jsonl", {"epoch": epoch, **probe(self.model)})
+            ckpt = self._checkpoint(epoch)
+            if epoch == 1 or epoch % c.save_every == 0 or final or over_time:
+                atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
+            atomic_torch_save(self.out_dir / "last.pt", ckpt)
+            last_epoch = epoch
+            self._report(bar, record)
+            if over_time and not final:
+                stopped_early = True
+                self.log(f"time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
+                break
+        if bar is not None:
+            bar.close()
+        summary = self._summary(last_epoch, time.perf_counter() - t_start, train_seconds, train_epochs, stopped_early)
+        atomic_write_json(self.out_dir / "summary.json", summary)
+        return FitResult(self.out_dir, summary, self.model)
+
+    def _progress_bar(self) -> Any:
+        if not self.config.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.epochs, initial=self.start_epoch - 1, unit="ep", desc=self.config.method, dynamic_ncols=True, file=sys.stderr)
+
+    def _report(self, bar: Any, r: dict[str, Any]) -> None:
+        fields = {"loss": f"{r['train_loss']:.3f}", "train": f"{r['train_acc']:.1f}%", "img/s": f"{r['images_per_s']:.0f}"}
+        if "acc" in r:
+            fields["test"] = f"{r['acc']:.2f}%"
+            if r.get("tail_acc") is not None:
+                fields["tail"] = f"{r['tail_acc']:.1f}%"
+        if bar is not None:
+            bar.set_postfix(fields, refresh=False)
+            bar.update(1)
+        else:
+            self.log(f"[{self.config.method}] epoch {r['epoch']}/{self.config.epochs} " + " ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def _summary(self, last_epoch: int, wall: float, train_seconds: float, train_epochs: int, stopped_early: bool) -> dict[str, Any]:
+        c = self.config
+        per_epoch = train_seconds / train_epochs if train_epochs else None
+        return {
+            "method": c.method,
+            "dataset": c.dataset,
+            "epochs_completed": last_epoch,
+            "epochs_planned": c.epochs,
+            "stopped_early": stopped_early,
+            "final": self.metrics,
+            "best": self.best,
+            "tail_classes": tail_classes(self.class_counts, c.tail_fraction),
+            "class_counts": list(self.class_counts),
+            "train_images": len(self.train_set),
+            "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            "compile_mode": "off (graph capture failed)" if self._graph_failed else self.compile_mode,
+            "amp": c.amp,
+            "wall_time_s": wall,
+            "seconds_per_epoch": per_epoch,
+            "images_per_s": (self.batches.steps * c.batch_size / per_epoch) if per_epoch else None,
+            "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
+        }
+
+
+def fit(config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> FitResult:
+    """Train per ``config``, writing checkpoints, ``metrics.jsonl``, ``summary.json``
+    and ``config.json`` into ``out_dir``; returns the summary and the model.
+
+    >>> from spectra.train import resolve_config, fit          # doctest: +SKIP
+    >>> fit(resolve_config("ce-drw-sam", data_root="data"), "runs/cedrwsam")  # doctest: +SKIP
+    """
+    return Trainer(config, out_dir, resume=resume, log=log).fit()
