@@ -1,0 +1,123 @@
+"""Extreme eigenvalues against torch.linalg.eigvalsh of dense float64 Hessians."""
+import numpy as np
+import pytest
+import torch
+
+import spectra
+from problems import PROBLEMS
+
+
+def _reference(dense):
+    ev = torch.linalg.eigvalsh(dense).numpy()
+    return ev, np.abs(ev).max()
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_lambda_max_and_min_to_1e8_relative(dense_cache, name):
+    problem, dense = dense_cache(name)
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(), k=1, which="both", tol=1e-10)
+    assert res.converged
+    assert abs(res.lambda_max - ev[-1]) <= 1e-8 * scale
+    assert abs(res.lambda_min - ev[0]) <= 1e-8 * scale
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_top3_and_bottom3(dense_cache, name, block_size):
+    problem, dense = dense_cache(name)
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(), k=3, which="both", tol=1e-10, block_size=block_size)
+    assert res.converged
+    np.testing.assert_allclose(res.top, ev[::-1][:3], rtol=0, atol=1e-8 * scale)
+    np.testing.assert_allclose(res.bottom, ev[:3], rtol=0, atol=1e-8 * scale)
+    assert list(res.top) == sorted(res.top, reverse=True) and list(res.bottom) == sorted(res.bottom)
+
+
+def test_reported_residuals_are_true_residuals(dense_cache):
+    problem, dense = dense_cache("cnn")
+    res = spectra.eigenvalues(problem.operator(), k=2, tol=1e-4, return_vectors=True)
+    for values, vectors, residuals in [(res.top, res.top_vectors, res.top_residuals),
+                                       (res.bottom, res.bottom_vectors, res.bottom_residuals)]:
+        for j in range(2):
+            y = vectors[:, j]
+            assert float(y.norm()) == pytest.approx(1.0, abs=1e-12)
+            true = float((dense @ y - values[j] * y).norm())
+            assert residuals[j] == pytest.approx(true, rel=1e-6, abs=1e-14)
+            assert residuals[j] <= 1e-4 * res.scale
+    # a loose tolerance leaves measurable residuals: the check is not vacuous
+    assert max(res.top_residuals.max(), res.bottom_residuals.max()) > 1e-9
+
+
+@pytest.mark.parametrize("which", ["top", "bottom"])
+def test_one_end_only(dense_cache, which):
+    problem, dense = dense_cache("mlp")
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(), k=2, which=which, tol=1e-10)
+    if which == "top":
+        assert len(res.bottom) == 0
+        np.testing.assert_allclose(res.top, ev[::-1][:2], atol=1e-8 * scale, rtol=0)
+    else:
+        assert len(res.top) == 0
+        np.testing.assert_allclose(res.bottom, ev[:2], atol=1e-8 * scale, rtol=0)
+
+
+def test_thick_restart_with_a_small_basis(dense_cache):
+    problem, dense = dense_cache("cnn")
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(), k=2, tol=1e-9, max_basis=16, max_iter=2000)
+    assert res.num_restarts > 0 and res.converged
+    np.testing.assert_allclose(res.top, ev[::-1][:2], atol=1e-8 * scale, rtol=0)
+    np.testing.assert_allclose(res.bottom, ev[:2], atol=1e-8 * scale, rtol=0)
+
+
+def test_deterministic_for_a_seed_and_counts_products(dense_cache):
+    problem, _ = dense_cache("cnn")
+    H = problem.operator()
+    a = spectra.eigenvalues(H, tol=1e-6, seed=4)
+    b = spectra.eigenvalues(problem.operator(), tol=1e-6, seed=4)
+    assert np.array_equal(a.top, b.top) and np.array_equal(a.bottom, b.bottom)
+    assert a.num_matvecs == b.num_matvecs == H.num_matvecs
+    assert a.num_matvecs < H.dim  # converged long before the full space
+
+
+def test_iteration_budget_reports_non_convergence(dense_cache):
+    problem, _ = dense_cache("cnn")
+    res = spectra.eigenvalues(problem.operator(), tol=1e-12, max_iter=5)
+    assert not res.converged and res.num_iterations == 5
+
+
+def test_full_space_on_a_tiny_matrix_is_exact():
+    a = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = a + a.T
+
+    class Dense:
+        dim, device = 6, torch.device("cpu")
+
+        def matmul(self, v):
+            return a @ v
+
+    res = spectra.eigenvalues(Dense(), k=10, tol=1e-14, block_size=4)
+    ev = torch.linalg.eigvalsh(a).numpy()
+    np.testing.assert_allclose(res.bottom, ev, atol=1e-12)
+    np.testing.assert_allclose(res.top, ev[::-1], atol=1e-12)
+
+
+def test_bad_arguments(dense_cache):
+    problem, _ = dense_cache("mlp")
+    H = problem.operator()
+    for kwargs, msg in [({"which": "middle"}, "which"), ({"k": 0}, "positive"), ({"tol": 0}, "tol")]:
+        with pytest.raises(ValueError, match=msg):
+            spectra.eigenvalues(H, **kwargs)
+
+
+def test_hvp_count_for_the_cnn_to_1e6(dense_cache, capsys):
+    """Records how many products λmax and λmin need to 1e-6 relative residual."""
+    problem, dense = dense_cache("cnn")
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(), tol=1e-6)
+    assert res.converged and res.num_matvecs <= 80
+    assert abs(res.lambda_max - ev[-1]) <= 1e-8 * scale and abs(res.lambda_min - ev[0]) <= 1e-8 * scale
+    with capsys.disabled():
+        print(f"\n[cnn d={problem.operator().dim}] tol 1e-6: {res.num_matvecs} HVPs "
+              f"({res.num_iterations} Lanczos + 2 check), residuals {res.top_residuals[0]:.1e}/{res.bottom_residuals[0]:.1e}")

@@ -1,0 +1,111 @@
+"""HessianOperator against dense float64 Hessians (tests/problems.py)."""
+import pytest
+import torch
+from torch import nn
+
+import spectra
+from problems import PROBLEMS, cnn_problem, mlp_problem
+
+NAMES = list(PROBLEMS)
+
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward"])
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_dense_hessian(dense_cache, name, method):
+    problem, dense = dense_cache(name)
+    H = problem.operator(method=method)
+    assert H.dim == dense.shape[0]
+    assert H.num_samples == sum(len(b[1]) for b in problem.batches)
+    torch.testing.assert_close(H.to_dense(), dense, rtol=0, atol=1e-12 * dense.abs().max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_block_product_equals_columns(dense_cache, name):
+    problem, dense = dense_cache(name)
+    H = problem.operator(max_block=2)
+    v = torch.randn(H.dim, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    block = H @ v
+    single = torch.stack([H @ v[:, j] for j in range(5)], dim=1)
+    torch.testing.assert_close(block, single, rtol=0, atol=1e-13)
+    torch.testing.assert_close(block, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+    assert H.num_matvecs == 10
+
+
+def test_batching_does_not_change_the_operator(dense_cache):
+    problem, dense = dense_cache("cnn")
+    x = torch.cat([b[0] for b in problem.batches])
+    y = torch.cat([b[1] for b in problem.batches])
+    for data, batch_size in [((x, y), None), ((x, y), 4), (problem.batches, 6)]:
+        H = spectra.HessianOperator(problem.model, problem.loss_fn, data, batch_size=batch_size)
+        torch.testing.assert_close(H.to_dense(), dense, rtol=0, atol=1e-12)
+
+
+def test_float32_and_device_conversion_leave_model_untouched(dense_cache):
+    problem, dense = dense_cache("cnn")
+    before = {k: v.clone() for k, v in problem.model.state_dict().items()}
+    problem.model.train()
+    H = problem.operator(dtype=torch.float32)
+    assert H.dtype == torch.float32
+    err = (H.to_dense() - dense).abs().max() / dense.abs().max()
+    assert 0 < err < 1e-5
+    assert problem.model.training and all(m.training for m in problem.model.modules())
+    for k, v in problem.model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k])
+    assert next(problem.model.parameters()).dtype == torch.float64
+    problem.model.eval()
+
+
+def test_eval_mode_is_default_and_train_mode_differs():
+    problem = cnn_problem()
+    problem.model.train()
+    v = torch.randn(problem.operator().dim, dtype=torch.float64)
+    h_eval = problem.operator() @ v
+    h_train = problem.operator(eval_mode=False) @ v
+    assert problem.model.training  # mode restored
+    assert (h_eval - h_train).abs().max() > 1e-3 * h_eval.abs().max()
+    problem.model.eval()
+
+
+def test_parameter_selection_by_pattern_and_by_tensor():
+    problem = cnn_problem()
+    H = spectra.HessianOperator(problem.model, problem.loss_fn, problem.batches,
+                                params=["conv.*", "head.weight"])
+    assert H.param_names == ["conv.weight", "head.weight"]
+    H2 = spectra.HessianOperator(problem.model, problem.loss_fn, problem.batches,
+                                 params=[problem.model.conv.weight, problem.model.head.weight])
+    assert H2.param_names == H.param_names
+    with pytest.raises(ValueError, match="no trainable parameter matches"):
+        spectra.HessianOperator(problem.model, problem.loss_fn, problem.batches, params="nope.*")
+
+
+def test_loss_and_gradient_are_means_over_all_samples():
+    problem = mlp_problem()
+    H = problem.operator()
+    x = torch.cat([b[0] for b in problem.batches])
+    y = torch.cat([b[1] for b in problem.batches])
+    with torch.no_grad():
+        expected = float(problem.loss_fn(problem.model(x), y))
+    assert H.loss() == pytest.approx(expected, rel=1e-12)
+    problem.model.zero_grad()
+    problem.loss_fn(problem.model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in problem.model.parameters()])
+    torch.testing.assert_close(H.gradient(), g, rtol=1e-10, atol=1e-14)
+
+
+def test_bad_input_errors():
+    problem = mlp_problem()
+    with pytest.raises(ValueError, match="unknown method"):
+        problem.operator(method="magic")
+    H = problem.operator()
+    with pytest.raises(ValueError, match="expected a vector of shape"):
+        H @ torch.zeros(H.dim + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="empty"):
+        spectra.HessianOperator(problem.model, problem.loss_fn, [])
+    with pytest.raises(ValueError, match="no parameters"):
+        spectra.HessianOperator(nn.ReLU(), problem.loss_fn, problem.batches)
+
+
+def test_uncached_data_gives_the_same_products(dense_cache):
+    problem, dense = dense_cache("mlp")
+    H = problem.operator(cache_data=False)
+    torch.testing.assert_close(H.to_dense(), dense, rtol=0, atol=1e-12)
