@@ -291,7 +291,7 @@ class HessianOperator:
             return vmap(single)(tangents)
 
         # torch.compile traces jvp(grad) cleanly (it cannot compile a double backward)
-        return torch.compile(product) if self.compile else product
+        return torch.compile(product, dynamic=False) if self.compile else product
 
     def _hvp_forward_over_reverse(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return self._product(self._params, tangents, x, y).double()
