@@ -206,6 +206,8 @@ def _encode_attr(name: str, value: Any) -> Any:
         return json.dumps(value, sort_keys=True)
     if value is None:
         return ""
+    if isinstance(value, str):
+        return str(value)  # plain str: subclasses (torch.__version__) confuse h5py
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, sort_keys=True)
     return value
