@@ -1,0 +1,111 @@
+"""End-to-end: one epoch of every preset on a tiny synthetic CIFAR-10-LT,
+self-describing checkpoints, resume equality, CIFAR-100-LT code path, CLI."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cifar_format_fixture import write_cifar10, write_cifar100
+from spectra.models import build_model
+from spectra.train import METHODS, fit, load_training_checkpoint, model_from_checkpoint, resolve_config
+
+TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0, lpf_samples=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny convolutions are fastest on one thread; on a shared, busy machine
+    several OpenMP threads per process slow these runs down 10-30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, train_per_class=12, test_per_class=4)  # LT ratio 10: 12 ... 1 images per class
+    return root
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_epoch_of_every_preset_writes_a_loadable_checkpoint(method, cifar10_root, tmp_path):
+    cfg = resolve_config(method, data_root=str(cifar10_root), epochs=1, **TINY)
+    result = fit(cfg, tmp_path / method, log=lambda m: None)
+    files = {p.name for p in (tmp_path / method).iterdir()}
+    assert {"ckpt_epoch0001.pt", "last.pt", "metrics.jsonl", "summary.json", "config.json"} <= files
+    ckpt = torch.load(tmp_path / method / "ckpt_epoch0001.pt", weights_only=True)
+    assert ckpt["format"] == "spectra-checkpoint" and ckpt["format_version"] == 1
+    assert ckpt["method"] == method and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet32"
+    assert ckpt["arch_kwargs"] == {"num_classes": 10, "cosine_head": method.startswith("ldam")}
+    assert ckpt["class_names"][0] == "airplane" and ckpt["class_counts"] == [12, 9, 7, 5, 4, 3, 2, 2, 1, 1]
+    assert result.summary["train_images"] == sum(ckpt["class_counts"])
+    assert ckpt["dataset"]["name"] == "cifar10-lt" and ckpt["config"]["method"] == method
+    json.dumps(ckpt["config"]), json.dumps(ckpt["dataset"]), json.dumps(ckpt["metrics"])  # JSON-able
+    # the registry rebuilds the network and reproduces its logits
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.randn(3, 3, 32, 32)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), result.model(x), atol=1e-6)
+        assert torch.allclose(model_from_checkpoint(ckpt)(x), result.model(x), atol=1e-6)
+    metrics = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and {"acc", "per_class_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "images_per_s"} <= set(metrics[0])
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert summary["tail_classes"] == [7, 8, 9] and summary["epochs_completed"] == 1
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+@pytest.mark.parametrize("method", ["ce-drw-sam", "ce-drw-pgd"])
+def test_resume_ends_with_the_same_weights(method, cifar10_root, tmp_path):
+    base = dict(data_root=str(cifar10_root), epochs=3, drw_epoch=1, save_every=1, **TINY)
+    full = fit(resolve_config(method, **base), tmp_path / "full", log=lambda m: None)
+    # "killed" after epoch 1: a zero time limit stops cleanly after the first epoch
+    first = fit(resolve_config(method, time_limit_s=0.0, **base), tmp_path / "split", log=lambda m: None)
+    assert first.summary["stopped_early"] and first.summary["epochs_completed"] == 1
+    resumed = fit(resolve_config(method, **base), tmp_path / "split", resume=True, log=lambda m: None)
+    assert resumed.summary["epochs_completed"] == 3
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert load_training_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 3
+
+
+def test_resume_refuses_a_changed_recipe(cifar10_root, tmp_path):
+    fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **TINY), tmp_path / "run", log=lambda m: None)
+    with pytest.raises(ValueError, match="settings differ"):
+        fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, lr=0.5, **TINY), tmp_path / "run", resume=True, log=lambda m: None)
+
+
+def test_cifar100_lt_code_path_on_synthetic_files(tmp_path):
+    write_cifar100(tmp_path / "data", train_per_class=10, test_per_class=1, bytes_keys=True)
+    cfg = resolve_config("ldam-drw-sam", "cifar100-lt", data_root=str(tmp_path / "data"), epochs=1, **TINY)
+    assert cfg.rho == 0.8
+    result = fit(cfg, tmp_path / "run", log=lambda m: None)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["num_classes"] == 100 and ckpt["class_names"][5] == "class05"
+    assert ckpt["class_counts"][0] == 10 and ckpt["class_counts"][-1] == 1  # int(10 · 0.1^(c/99))
+    assert len(result.summary["tail_classes"]) == 30
+
+
+def test_cli_train_and_errors(cifar10_root, tmp_path):
+    from spectra_cli.train import train
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["--method", "ce-drw", "--data-root", str(cifar10_root), "--out", str(out), "--epochs", "1", "--batch-size", "32",
+            "--imbalance-ratio", "10", "--no-progress", "--set", "drw_epoch=0"]
+    res = runner.invoke(train, args)
+    assert res.exit_code == 0, res.output
+    assert "test acc" in res.output and (out / "ckpt_epoch0001.pt").exists()
+    assert json.loads((out / "config.json").read_text())["drw_epoch"] == 0
+    again = runner.invoke(train, args)
+    assert again.exit_code != 0 and "--resume" in again.output
+    bad = runner.invoke(train, ["--method", "ce", "--out", str(tmp_path / "x"), "--set", "nope=1"])
+    assert bad.exit_code != 0 and "unknown training setting" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(train, ["--method", "ce", "--out", str(tmp_path / "y"), "--data-root", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "--data-root" in missing.output
