@@ -54,8 +54,8 @@ def _atomic(path: Path, write: Any) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            # No fsync: os.replace keeps readers from ever seeing a partial file
+            # after a crash of this process, and per-epoch fsyncs cost seconds.
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

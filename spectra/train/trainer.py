@@ -176,7 +176,8 @@ class Trainer:
 
     # --------------------------------------------------------- the step
     def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+        # cache_enabled=False: autocast's weight-cast cache must not live across CUDA-graph replays.
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = self._forward_model(x)
         loss = self.loss_fn(logits.float(), y)
         (loss * scale if scale != 1.0 else loss).backward()
@@ -294,24 +295,37 @@ class Trainer:
         return self.batches.epoch(epoch)
 
     def _noise_for_epoch(self, epoch: int) -> torch.Generator | None:
+        """PGD / LPF noise generator of ``epoch``, on the training device (the
+        noise is 0.5-4 M numbers per step: drawing it on the host would dominate
+        a GPU step). CPU runs are bit-reproducible; CUDA runs are reproducible
+        on the same device and software."""
         if self.state.noise is None:
             return None
-        return epoch_generator(self.config.seed, epoch, _NOISE_STREAM)
+        seed = int(epoch_generator(self.config.seed, epoch, _NOISE_STREAM).initial_seed())
+        return torch.Generator(device=self.device).manual_seed(seed)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """Run the steps of 1-indexed ``epoch``; returns train loss/accuracy and timing."""
+    def prepare(self) -> None:
+        """Create the persistent gradient tensors (accumulated in place by every step)."""
+        self._grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            self._grads.append(p.grad)
+
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
+        """Run the steps of 1-indexed ``epoch`` (the first ``max_steps`` only, for
+        benchmarks); returns train loss/accuracy and timing."""
         t0 = time.perf_counter()
         xs, ys = self._begin_epoch(epoch)
         gen = self._noise_for_epoch(epoch)
         s = self.state
-        for i in range(self.batches.steps):
+        steps = self.batches.steps if max_steps is None else min(max_steps, self.batches.steps)
+        for i in range(steps):
             s.x.copy_(xs[i])
             s.y.copy_(ys[i])
             if gen is not None:
-                # Drawn on the CPU from the epoch's generator: identical on every device.
-                s.noise.copy_(torch.randn(s.noise.shape, generator=gen))
+                s.noise.normal_(generator=gen)
             self._run_step()
-        steps = self.batches.steps
         loss = float(s.loss_sum) / steps  # synchronises once per epoch
         acc = 100.0 * float(s.correct) / (steps * self.config.batch_size)
         seconds = time.perf_counter() - t0
@@ -400,11 +414,7 @@ class Trainer:
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out_dir / "config.json", c.to_dict())
-        self._grads = []
-        for p in self.params:  # persistent gradient tensors, accumulated in place
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            self._grads.append(p.grad)
+        self.prepare()
         probe = None
         if c.spectra_every:
             from .spectra_probe import PerClassSpectra

@@ -1,0 +1,169 @@
+"""Reproduce the paper's CIFAR-10-LT table: the eight methods as concurrent
+``spectra train`` processes on one device, then a table of final overall and
+tail accuracy beside the paper's numbers.
+
+    python benchmarks/reproduce_cifar10lt.py --data-root DIR --out runs/table --epochs 200 --parallel 8 --time-budget-s 500
+    python benchmarks/reproduce_cifar10lt.py --data-root DIR --out /tmp/dry --epochs 1 --max-train-samples 256 --device cpu   # dry run
+
+"Tail" = the 3 rarest classes (7 horse, 8 ship, 9 truck: 139, 83, 50 training
+images). Each run gets ``--time-limit-s`` = the budget minus a margin, so a run
+that cannot finish stops cleanly with a checkpoint and a summary marked
+``stopped_early`` (its numbers are then *not* comparable to the paper's).
+Writes ``OUT/results.json`` and ``OUT/results.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (method, paper overall acc, paper tail acc): CIFAR-10-LT, ratio 100, mean over seeds
+PAPER = [
+    ("ce", 71.7, 52.3),
+    ("ce-sam", 73.1, 51.7),
+    ("ce-drw", 75.5, 61.4),
+    ("ce-drw-sam", 80.6, 73.1),
+    ("ldam-drw", 77.5, 66.4),
+    ("ldam-drw-sam", 81.9, 76.4),
+    ("vs", 78.6, 70.3),
+    ("vs-sam", 82.4, 78.0),
+]
+BASELINES = [("ce-drw-pgd", 77.2, 65.0), ("ce-drw-lpf", 78.5, 67.2)]
+MARGIN_S = 45.0  # time kept for the final evaluation, checkpoint and summary
+
+
+def command(method: str, args: argparse.Namespace, out: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "spectra", "train", "--method", method, "--dataset", "cifar10-lt",
+           "--data-root", args.data_root, "--out", str(out), "--epochs", str(args.epochs), "--seed", str(args.seed),
+           "--device", args.device, "--no-progress", "--eval-every", str(args.eval_every), "--save-every", str(args.save_every)]
+    if args.compile:
+        cmd += ["--compile", args.compile]
+    if args.amp:
+        cmd += ["--amp", args.amp]
+    if args.max_train_samples:
+        cmd += ["--max-train-samples", str(args.max_train_samples)]
+    if args.max_test_samples:
+        cmd += ["--max-test-samples", str(args.max_test_samples)]
+    if args.time_budget_s:
+        cmd += ["--time-limit-s", str(max(1.0, args.time_budget_s - MARGIN_S))]
+    for item in args.set:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_all(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    # Concurrent processes share the host's cores: one BLAS/OpenMP thread each
+    # unless the caller set a value.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.parallel))))
+    pending = list(methods)
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    status: dict[str, dict] = {}
+    t0 = time.time()
+    hard_stop = (args.time_budget_s + 60.0) if args.time_budget_s else None
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            m = pending.pop(0)
+            run_dir = out_root / m
+            if (run_dir / "last.pt").exists() and not args.resume:
+                raise SystemExit(f"{run_dir} already holds a run; use another --out or --resume")
+            log = open(out_root / f"{m}.log", "w")
+            cmd = command(m, args, run_dir) + (["--resume"] if args.resume else [])
+            print("$ " + " ".join(cmd), flush=True)
+            running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+        time.sleep(1.0)
+        for m, (proc, start, log) in list(running.items()):
+            rc = proc.poll()
+            if rc is None and hard_stop is not None and time.time() - t0 > hard_stop:
+                proc.kill()
+                rc = proc.wait()
+                print(f"{m}: killed at the hard time limit", flush=True)
+            if rc is not None:
+                log.close()
+                status[m] = {"returncode": rc, "wall_s": time.time() - start}
+                print(f"{m}: exit {rc} after {time.time() - start:.0f} s", flush=True)
+                del running[m]
+    return status
+
+
+def fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def table(methods: list[str], status: dict[str, dict], args: argparse.Namespace) -> tuple[list[dict], str]:
+    paper = {m: (a, t) for m, a, t in PAPER + BASELINES}
+    rows = []
+    for m in methods:
+        summary_path = Path(args.out) / m / "summary.json"
+        s = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        final = (s or {}).get("final") or {}
+        best = (s or {}).get("best") or {}
+        pa, pt = paper.get(m, (None, None))
+        acc, tail = final.get("acc"), final.get("tail_acc")
+        rows.append({
+            "method": m, "paper_acc": pa, "paper_tail": pt, "acc": acc, "tail_acc": tail,
+            "delta_acc": None if acc is None or pa is None else acc - pa,
+            "delta_tail": None if tail is None or pt is None else tail - pt,
+            "best_acc": best.get("acc"), "best_epoch": best.get("epoch"),
+            "epochs": (s or {}).get("epochs_completed"), "epochs_planned": args.epochs,
+            "stopped_early": (s or {}).get("stopped_early"), "s_per_epoch": (s or {}).get("seconds_per_epoch"),
+            "wall_s": status.get(m, {}).get("wall_s"), "returncode": status.get(m, {}).get("returncode"),
+            "device": (s or {}).get("device"), "tail_classes": (s or {}).get("tail_classes"),
+            "command": " ".join(command(m, args, Path(args.out) / m)[1:]).replace("-m spectra", "spectra", 1),
+        })
+    lines = [
+        "| method | paper acc | ours acc | Δ | paper tail | ours tail | Δ | best acc (epoch) | epochs | s/epoch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        epochs = f"{r['epochs']}/{r['epochs_planned']}" + (" (stopped)" if r["stopped_early"] else "")
+        lines.append(
+            f"| {r['method']} | {fmt(r['paper_acc'])} | {fmt(r['acc'])} | {fmt(r['delta_acc'])} | {fmt(r['paper_tail'])} | "
+            f"{fmt(r['tail_acc'])} | {fmt(r['delta_tail'])} | {fmt(r['best_acc'])} ({r['best_epoch']}) | {epochs} | "
+            f"{'—' if r['s_per_epoch'] is None else format(r['s_per_epoch'], '.2f')} |"
+        )
+    device = next((r["device"] for r in rows if r["device"]), "?")
+    lines.append("")
+    lines.append(f"Tail = classes {rows[0]['tail_classes']} (the 3 rarest). Device: {device}. Data: {args.data_root}.")
+    return rows, "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--parallel", type=int, default=8, help="concurrent training processes")
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop every run cleanly before this many seconds")
+    p.add_argument("--methods", default=",".join(m for m, _, _ in PAPER), help="comma list (add ce-drw-pgd,ce-drw-lpf for the baselines)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", default=None, help="passed to spectra train --compile (default: auto)")
+    p.add_argument("--amp", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--max-train-samples", type=int, default=None, help="dry runs: train on about N images")
+    p.add_argument("--max-test-samples", type=int, default=None, help="dry runs: evaluate on about N images")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
+    p.add_argument("--resume", action="store_true", help="continue the runs in --out")
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    status = run_all(methods, args)
+    rows, md = table(methods, status, args)
+    out = Path(args.out)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "status": status}, indent=2) + "\n")
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    failed = [m for m, s in status.items() if s["returncode"] != 0]
+    if failed:
+        raise SystemExit(f"failed runs: {', '.join(failed)} (see {out}/<method>.log)")
+
+
+if __name__ == "__main__":
+    main()

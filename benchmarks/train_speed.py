@@ -1,0 +1,94 @@
+"""Training speed of spectra.train: seconds per epoch and images per second,
+eager versus optimised (CUDA-graph capture / torch.compile), one method.
+
+    python benchmarks/train_speed.py --device cuda --data-root DIR          # real CIFAR-10-LT
+    python benchmarks/train_speed.py --device cpu --steps 5                 # quick CPU figure
+
+Without --data-root a synthetic CIFAR-10-LT-sized set (12,406 random images)
+is used; the speed does not depend on pixel values. On the CPU only the first
+``--steps`` steps of an epoch are timed and scaled to the epoch's step count.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra.datasets import lt_class_counts
+from spectra.train import Trainer, resolve_config
+
+
+def write_synthetic_cifar10(root: Path, seed: int = 0) -> None:
+    """Balanced 5000-per-class CIFAR-10 files (random pixels), LT subsampled later."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = np.tile(np.arange(10), 5000)
+    data = rng.integers(0, 256, size=(50000, 3072), dtype=np.uint8)
+    for i in range(5):
+        part = slice(i * 10000, (i + 1) * 10000)
+        with open(folder / f"data_batch_{i + 1}", "wb") as fh:
+            pickle.dump({"data": data[part], "labels": labels[part].tolist()}, fh)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({"data": data[:1000], "labels": labels[:1000].tolist()}, fh)
+
+
+def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float | str]:
+    cfg = resolve_config(
+        args.method, "cifar10-lt", data_root=root, device=args.device, compile=mode, amp=args.amp,
+        channels_last=args.channels_last, batch_size=args.batch_size, progress=False, max_test_samples=1000,
+    )
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(cfg, out, log=print)
+        trainer.prepare()
+        steps_per_epoch = trainer.batches.steps
+        timed = None if args.steps is None else args.steps
+        t0 = time.perf_counter()
+        trainer.train_epoch(1, max_steps=timed if timed is None else min(timed, 3))  # warm-up: capture / compile
+        warmup = time.perf_counter() - t0
+        per_epoch = []
+        for epoch in range(2, 2 + args.epochs):
+            stats = trainer.train_epoch(epoch, max_steps=timed)
+            steps = steps_per_epoch if timed is None else min(timed, steps_per_epoch)
+            per_epoch.append(stats["epoch_time_s"] * steps_per_epoch / steps)
+        used = "eager (capture failed)" if trainer._graph_failed else trainer.compile_mode
+    sec = float(np.median(per_epoch))
+    return {"mode": used, "s_per_epoch": sec, "img_per_s": steps_per_epoch * args.batch_size / sec, "warmup_s": warmup}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=None, help="folder with cifar-10-batches-py (default: synthetic data)")
+    parser.add_argument("--method", default="ce-drw-sam")
+    parser.add_argument("--modes", default=None, help="comma list of off,graphs,inductor,max (default: off,graphs on CUDA; off on CPU)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (median reported)")
+    parser.add_argument("--steps", type=int, default=None, help="time only the first N steps of each epoch (CPU)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"])
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args()
+    if args.device == "cpu" and args.steps is None:
+        args.steps = 5
+    modes = args.modes.split(",") if args.modes else (["off", "graphs"] if args.device.startswith("cuda") else ["off"])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_root
+        if root is None:
+            write_synthetic_cifar10(Path(tmp))
+            root = tmp
+        name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+        n = sum(lt_class_counts(10, 5000, 100))
+        print(f"# {args.method}, CIFAR-10-LT ({n} images), batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, {name}")
+        print(f"{'mode':<24} {'s/epoch':>9} {'img/s':>9} {'warm-up s':>10}")
+        for mode in modes:
+            r = measure(mode, args, root)
+            print(f"{r['mode']:<24} {r['s_per_epoch']:>9.3f} {r['img_per_s']:>9.0f} {r['warmup_s']:>10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
