@@ -244,7 +244,7 @@ def _builtin_spec(options: DataOptions, recorded: dict[str, Any] | None) -> ds.D
     # Root: the option, else $SPECTRA_DATA_ROOT / the default, unless the
     # checkpoint's recorded root exists on this machine.
     if options.root is not None:
-        base["root"] = options.root
+        base["root"] = str(Path(options.root).expanduser().resolve())
     elif os.environ.get(ds.DATA_ROOT_ENV) or not (base.get("root") and Path(base["root"]).exists()):
         base["root"] = None
     try:

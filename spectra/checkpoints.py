@@ -105,7 +105,7 @@ class LoadedCheckpoint:
     def provenance(self) -> dict[str, Any]:
         """JSON-able description (everything but the model itself)."""
         return {
-            "checkpoint_path": str(self.path),
+            "checkpoint_path": str(self.path.resolve()),
             "checkpoint_sha256": self.sha256,
             "checkpoint_format": self.format,
             "epoch": self.epoch,

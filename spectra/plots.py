@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from spectra.store import EigenSeries, ResultRecord
 
@@ -86,6 +87,7 @@ def plot_ratio(
                     color=colour[c], label=label)
         ax.set_title(run)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if log_scale:
             ax.set_yscale("log")
@@ -118,17 +120,15 @@ def plot_density(
         raise ValueError("no density entries to plot")
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    cmap = colormaps["viridis"]
     for i, rec in enumerate(items):
         grid, values = rec.arrays["grid"], rec.arrays["values"]
         floor = max(float(values.max()), 1e-300) * 1e-10
         p = rec.provenance
         label = f"{p.get('run', '')} epoch {p.get('epoch')}, class {p.get('class_index')} ({p.get('class_name', '')})"
-        ax.semilogy(grid, np.maximum(values, floor), color=cmap(i / max(len(items) - 1, 1)) if len(items) > 1 else "C0",
-                    linewidth=1.4, label=label)
+        ax.semilogy(grid, np.maximum(values, floor), color=f"C{i % 10}", linewidth=1.4, label=label)
     if extremes is not None:
-        for value, name in zip(extremes, (r"$\lambda_{\min}$", r"$\lambda_{\max}$")):
-            ax.axvline(value, color="crimson", linestyle="--", linewidth=1.0, label=f"{name} = {value:.4g}")
+        for value, name, colour in zip(extremes, (r"$\lambda_{\min}$", r"$\lambda_{\max}$"), ("crimson", "darkorange")):
+            ax.axvline(value, color=colour, linestyle="--", linewidth=1.0, label=f"{name} = {value:.4g}")
     ax.axvline(0.0, color="grey", linewidth=0.6)
     ax.set_xlabel(r"eigenvalue $\lambda$")
     ax.set_ylabel("density (log scale)")

@@ -382,7 +382,10 @@ class ResultsWriter:
                     group.attrs[name] = _encode_attr(name, value)
             group.attrs.setdefault("created_utc", _utc_now())
             for name, array in record.arrays.items():
-                group.create_dataset(name, data=np.asarray(array))
+                array = np.asarray(array)
+                # Density grids/values (10⁴ points) dominate the file: compress them.
+                packed = {"compression": "gzip", "shuffle": True} if array.size > 256 else {}
+                group.create_dataset(name, data=array, **packed)
             group.attrs["complete"] = True
             f.flush()
             if key in entries:

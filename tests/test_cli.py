@@ -1,0 +1,262 @@
+"""The ``spectra`` commands end to end on tiny checkpoints and synthetic CIFAR files:
+every loader path, every user error (one line, exit 1, no traceback), JSON
+output, stored results, plots, and a sweep killed with SIGKILL then resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spectra import store
+from spectra.store import ResultsWriter
+from spectra_cli.main import main
+
+from test_analysis import TINY_ARCH, install_tiny_module, make_run, write_cifar10
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    install_tiny_module(base)
+    root = write_cifar10(base / "data")
+    runs = {name: make_run(base / name, root, epochs=(1, 2, 3), seed=seed)
+            for name, seed in (("ce-drw", 0), ("ce-drw-sam", 1))}
+    return {"base": base, "root": root, "runs": runs, "ckpt": runs["ce-drw"][-1]}
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def fast(env) -> list[str]:
+    return ["--data-root", env["root"], "--device", "cpu", "--tol", "1e-4"]
+
+
+def assert_user_error(result, pattern: str) -> str:
+    """Exit 1, one ``Error:`` line matching ``pattern`` on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------ commands
+def test_eigs_table_json_and_store(env, tmp_path):
+    res = invoke("eigs", env["ckpt"], "--class", "truck,0", *fast(env))
+    assert res.exit_code == 0, res.output
+    assert "spectra checkpoint" in res.stdout and "9 truck" in res.stdout and "0 airplane" in res.stdout
+
+    out = tmp_path / "r.h5"
+    res = invoke("eigs", env["ckpt"], "--class", "9", "--top-k", "2", "--json", "--out", out, *fast(env))
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)  # stdout is the JSON and nothing else
+    assert entry["class_name"] == "truck" and entry["epoch"] == 3 and entry["num_samples"] == 6
+    assert len(entry["results"]["top"]) == 2 and entry["results"]["top"][0] >= entry["results"]["top"][1]
+    (rec,) = store.read_results(out)
+    assert rec.arrays["top"][0] == pytest.approx(entry["results"]["top"][0])
+    assert rec.provenance["checkpoint_sha256"] == entry["checkpoint_sha256"]
+
+
+def test_density_with_plot_and_trace(env, tmp_path):
+    png = tmp_path / "d.png"
+    res = invoke("density", env["ckpt"], "--class", "3", "--probes", "2", "--steps", "10", "--plot", png,
+                 "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == PNG_MAGIC and "mass < 0" in res.stdout
+    res = invoke("trace", env["ckpt"], "--class", "3", "--trace-probes", "9", "--json",
+                 "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    assert entry["kind"] == "trace" and np.isfinite(entry["results"]["estimate"])
+
+
+def test_params_restrict_the_hessian(env):
+    res = invoke("eigs", env["ckpt"], "--class", "1", "--params", "linear.*", "--json", *fast(env))
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    assert entry["num_params"] == 650 and entry["params"] == ["linear.*"]
+
+
+def _eig_json(res) -> tuple[float, float]:
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    return entry["results"]["top"][0], entry["results"]["bottom"][0]
+
+
+def test_reference_format_and_plain_state_dict_give_the_same_spectrum(env, tmp_path):
+    ck = torch.load(env["ckpt"], weights_only=True)
+    sd = {f"module.{k}": v for k, v in ck["state_dict"].items()}
+    ref = tmp_path / "ckpt.pth.tar"
+    torch.save({"epoch": 3, "arch": TINY_ARCH, "state_dict": sd, "best_acc1": torch.tensor(12.5),
+                "optimizer": {"state": {}, "param_groups": []}}, ref)
+    plain = tmp_path / "weights_epoch3.pt"
+    torch.save(sd, plain)
+    expected = _eig_json(invoke("eigs", env["ckpt"], "--class", "2", "--json", *fast(env)))
+    got_ref = _eig_json(invoke("eigs", ref, "--class", "2", "--dataset", "cifar10", "--json", *fast(env)))
+    got_plain = _eig_json(invoke("eigs", plain, "--class", "bird", "--dataset", "cifar10", "--arch", TINY_ARCH,
+                                 "--arch-kwargs", '{"num_classes": 10}', "--json", *fast(env)))
+    np.testing.assert_allclose(got_ref, expected, rtol=1e-6)
+    np.testing.assert_allclose(got_plain, expected, rtol=1e-6)
+
+
+def test_pickled_module_needs_trust(env, tmp_path):
+    from spectra.checkpoints import load_checkpoint
+
+    whole = tmp_path / "model_epoch3.pt"
+    torch.save(load_checkpoint(env["ckpt"]).model, whole)
+    res = invoke("eigs", whole, "--class", "0", "--dataset", "cifar10", *fast(env))
+    assert_user_error(res, r"contains pickled Python objects \(spectra_test_tiny\.TinyNet.*--trust-checkpoint")
+    res = invoke("eigs", whole, "--class", "0", "--dataset", "cifar10", "--trust-checkpoint", "--json", *fast(env))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)[0]["checkpoint_format"] == "pickled-module"
+
+
+# ------------------------------------------------------------------ errors
+def test_errors_are_one_line_without_traceback(env, tmp_path):
+    ck = env["ckpt"]
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(ck, weights_only=True)["state_dict"], plain)
+    nan = tmp_path / "ckpt_epoch0009.pt"
+    bad = torch.load(ck, weights_only=True)
+    bad["state_dict"]["linear.weight"][:] = float("inf")
+    torch.save(bad, nan)
+    cases = [
+        (["eigs", tmp_path / "missing.pt", "--class", "0"], r"checkpoint not found: .*missing\.pt"),
+        (["eigs", plain, "--class", "0", "--dataset", "cifar10"], r"holds only weights; pass --arch"),
+        (["eigs", plain, "--class", "0", "--arch", "vgg99"], r"unknown architecture 'vgg99'"),
+        (["eigs", plain, "--class", "0", "--arch", "resnet20"],
+         r"weights do not fit architecture 'resnet20': missing keys \(\d+\): .*unexpected keys \(7\): bn\.bias"),
+        (["eigs", ck, "--class", "12"], r"class 12 is out of range: the data set has 10 classes \(0-9\)"),
+        (["eigs", ck, "--class", "zebra"], r"unknown class 'zebra'"),
+        (["eigs", ck, "--class", "9", "--dataset", "cifar10-lt"], r"class 9 \(truck\) has no samples"),
+        (["eigs", nan, "--class", "0"], r"loss is not finite"),
+        (["eigs", ck, "--class", "0", "--out", tmp_path / "no" / "dir" / "r.h5"], r"cannot write results file"),
+        (["eigs", ck, "--class", "0", "--data-root", tmp_path / "empty"], r"cifar10 not found: .*--data-root"),
+        (["eigs", ck, "--class", "0", "--dataset", "nosuchmod:make"], r"cannot import 'nosuchmod'"),
+    ]
+    for args, pattern in cases:
+        extra = [] if "--data-root" in args else ["--data-root", env["root"]]
+        assert_user_error(invoke(*args, *extra, "--device", "cpu"), pattern)
+
+
+def test_download_without_internet_fails_clearly(env, tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    res = invoke("eigs", env["ckpt"], "--class", "0", "--download", "--data-root", tmp_path / "fresh", "--device", "cpu")
+    assert_user_error(res, r"could not download https://www\.cs\.toronto\.edu/.*cifar-10-python\.tar\.gz")
+
+
+def test_results_file_errors(env, tmp_path):
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    assert_user_error(invoke("info", text), r"is not an HDF5 file")
+    assert_user_error(invoke("info", foreign), r"not a spectra results file")
+    assert_user_error(invoke("info", tmp_path / "none.h5"), r"results file not found")
+    assert_user_error(invoke("plot", "ratio", foreign, "-o", tmp_path / "x.png"), r"not a spectra results file")
+    assert_user_error(invoke("sweep", env["ckpt"], "--out", foreign, *fast(env)), r"not a spectra results file")
+    assert_user_error(invoke("sweep", env["ckpt"], "--out", text, *fast(env)), r"not an HDF5 file; refusing")
+    assert text.read_text() == "not hdf5"
+    locked = tmp_path / "locked.h5"
+    with ResultsWriter(locked):
+        res = invoke("sweep", env["ckpt"], "--out", locked, *fast(env))
+    assert_user_error(res, rf"locked\.h5 is being written by another process \(pid {os.getpid()}\)")
+
+
+# ------------------------------------------------------------------ sweep, info, plots
+def test_sweep_info_and_plots(env, tmp_path):
+    out = tmp_path / "results.h5"
+    run_dirs = [env["runs"]["ce-drw"][0].parent, env["runs"]["ce-drw-sam"][0].parent]
+    res = invoke("sweep", *run_dirs, "--classes", "0,5,9", "--out", out, "--density", "--probes", "2",
+                 "--steps", "10", *fast(env))
+    assert res.exit_code == 0, res.output
+    assert "computed 36, skipped 0" in res.stdout
+    res = invoke("sweep", *run_dirs, "--classes", "0,5,9", "--out", out, "--density", "--probes", "2",
+                 "--steps", "10", "--json", *fast(env))
+    assert json.loads(res.stdout) == {"out": str(out), "computed": 0, "skipped": 36, "failed": []}
+
+    res = invoke("info", out)
+    assert res.exit_code == 0, res.output
+    assert "36 entries" in res.stdout and "ce-drw-sam" in res.stdout and "λmax" in res.stdout
+    assert len(json.loads(invoke("info", out, "--json").stdout)) == 36
+
+    ratio = tmp_path / "ratio.png"
+    res = invoke("plot", "ratio", out, "-o", ratio)
+    assert res.exit_code == 0, res.output
+    assert ratio.read_bytes()[:8] == PNG_MAGIC
+    dens = tmp_path / "density.png"
+    res = invoke("plot", "density", out, "--class", "truck", "--epoch", "3", "--run", "ce-drw", "-o", dens)
+    assert res.exit_code == 0, res.output
+    assert dens.read_bytes()[:8] == PNG_MAGIC
+    assert_user_error(invoke("plot", "density", out, "--class", "9", "--epoch", "3", "-o", dens), r"several runs")
+    assert_user_error(invoke("plot", "density", out, "--class", "9", "--epoch", "7", "--run", "ce-drw", "-o", dens),
+                      r"no density entry for class 9 at epoch 7")
+
+
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_then_resumed(env, tmp_path):
+    """Kill a sweep once an entry is committed: the file stays readable, no
+    partial entry is visible, and the rerun computes only the missing jobs."""
+    out = tmp_path / "results.h5"
+    run_dir = env["runs"]["ce-drw"][0].parent
+    # A tight tolerance makes each job take many products, so the kill lands mid-sweep.
+    args = [sys.executable, "-m", "spectra", "sweep", str(run_dir), "--classes", "0,1,2,3,4", "--out", str(out),
+            "--data-root", str(env["root"]), "--device", "cpu", "--dtype", "float64", "--tol", "1e-14",
+            "--max-iter", "80"]
+    total = 3 * 5
+    pythonpath = os.pathsep.join([str(env["base"]), str(Path(__file__).resolve().parents[1])])
+    child_env = {**os.environ, "PYTHONPATH": pythonpath}
+    proc = subprocess.Popen(args, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        stored: set[str] = set()
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                try:
+                    stored = store.stored_keys(out)
+                except Exception:  # file being created this instant
+                    stored = set()
+                if stored:
+                    break
+            time.sleep(0.05)
+        assert stored, "the sweep committed nothing before the deadline"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    before = {r.key: r.provenance["created_utc"] for r in store.read_results(out)}
+    assert 1 <= len(before) < total
+    assert all(np.isfinite(r.arrays["top"]).all() for r in store.read_results(out))
+
+    done = subprocess.run(args + ["--json"], env=child_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] == len(before) and summary["computed"] == total - len(before)
+    after = {r.key: r.provenance["created_utc"] for r in store.read_results(out)}
+    assert len(after) == total and all(after[k] == v for k, v in before.items())
+    with h5py.File(out, "r") as f:
+        assert not [n for n in f["entries"] if n.startswith(".tmp-")]
