@@ -16,7 +16,7 @@ from .losses import LDAMLoss, VSLoss, WeightedCrossEntropy, build_loss, effectiv
 from .sam import sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
-from .trainer import FitResult, Trainer, fit
+from .trainer import FitResult, Trainer, fit, fit_many
 
 __all__ = [
     "TrainConfig",
@@ -25,6 +25,7 @@ __all__ = [
     "resolve_config",
     "parse_override",
     "fit",
+    "fit_many",
     "Trainer",
     "FitResult",
     "CHECKPOINT_FORMAT",

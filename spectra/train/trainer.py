@@ -49,7 +49,7 @@ from .sam import global_grad_norm, sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
-__all__ = ["Trainer", "FitResult", "fit", "resolve_device"]
+__all__ = ["Trainer", "FitResult", "fit", "fit_many", "resolve_device"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -315,20 +315,34 @@ class Trainer:
     def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
         """Run the steps of 1-indexed ``epoch`` (the first ``max_steps`` only, for
         benchmarks); returns train loss/accuracy and timing."""
-        t0 = time.perf_counter()
-        xs, ys = self._begin_epoch(epoch)
-        gen = self._noise_for_epoch(epoch)
-        s = self.state
-        steps = self.batches.steps if max_steps is None else min(max_steps, self.batches.steps)
+        steps = self.start_train_epoch(epoch, max_steps)
         for i in range(steps):
-            s.x.copy_(xs[i])
-            s.y.copy_(ys[i])
-            if gen is not None:
-                s.noise.normal_(generator=gen)
-            self._run_step()
+            self.train_step(i)
+        return self.finish_train_epoch()
+
+    def start_train_epoch(self, epoch: int, max_steps: int | None = None) -> int:
+        """Set the epoch's learning rate, class weights and batches; returns its step count."""
+        self._t_epoch = time.perf_counter()
+        self._xs, self._ys = self._begin_epoch(epoch)
+        self._gen = self._noise_for_epoch(epoch)
+        self._steps = self.batches.steps if max_steps is None else min(max_steps, self.batches.steps)
+        return self._steps
+
+    def train_step(self, i: int) -> None:
+        """Step ``i`` of the current epoch (no host synchronisation)."""
+        s = self.state
+        s.x.copy_(self._xs[i])
+        s.y.copy_(self._ys[i])
+        if self._gen is not None:
+            s.noise.normal_(generator=self._gen)
+        self._run_step()
+
+    def finish_train_epoch(self) -> dict[str, float]:
+        s, steps = self.state, self._steps
         loss = float(s.loss_sum) / steps  # synchronises once per epoch
         acc = 100.0 * float(s.correct) / (steps * self.config.batch_size)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - self._t_epoch
+        self._xs = self._ys = None
         return {
             "train_loss": loss,
             "train_acc": acc,
@@ -411,50 +425,65 @@ class Trainer:
 
     # ------------------------------------------------------------ driver
     def fit(self) -> FitResult:
+        """Train from ``start_epoch`` to ``config.epochs`` (or the time limit)."""
+        self.begin()
+        while not self.done:
+            stats = self.train_epoch(self.epoch)
+            self.end_epoch(stats)
+        return self.finish()
+
+    def begin(self) -> None:
+        """Write ``config.json``, create gradients and the optional spectra probe."""
         c = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out_dir / "config.json", c.to_dict())
         self.prepare()
-        probe = None
+        self._probe = None
         if c.spectra_every:
             from .spectra_probe import PerClassSpectra
 
-            probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size)
-        t_start = time.perf_counter()
-        train_seconds, train_epochs = 0.0, 0
-        stopped_early = False
-        last_epoch = self.start_epoch - 1
-        bar = self._progress_bar()
-        for epoch in range(self.start_epoch, c.epochs + 1):
-            stats = self.train_epoch(epoch)
-            if epoch > self.start_epoch or epoch == c.epochs:  # the first epoch includes capture/compile
-                train_seconds += stats["epoch_time_s"]
-                train_epochs += 1
-            record: dict[str, Any] = {"epoch": epoch, **stats}
-            final = epoch == c.epochs
-            over_time = c.time_limit_s is not None and time.perf_counter() - t_start > c.time_limit_s
-            if epoch % c.eval_every == 0 or final or over_time:
-                test = self.evaluate()
-                record.update(test)
-                self.metrics = record
-                if self.best is None or test["acc"] > self.best["acc"]:
-                    self.best = {"epoch": epoch, "acc": test["acc"], "tail_acc": test["tail_acc"]}
-                self._append_jsonl("metrics.jsonl", record)
-            if probe is not None and (epoch % c.spectra_every == 0 or epoch == 1):
-                self._append_jsonl("spectra.jsonl", {"epoch": epoch, **probe(self.model)})
-            ckpt = self._checkpoint(epoch)
-            if epoch == 1 or epoch % c.save_every == 0 or final or over_time:
-                atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
-            atomic_torch_save(self.out_dir / "last.pt", ckpt)
-            last_epoch = epoch
-            self._report(bar, record)
-            if over_time and not final:
-                stopped_early = True
-                self.log(f"time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
-                break
-        if bar is not None:
-            bar.close()
-        summary = self._summary(last_epoch, time.perf_counter() - t_start, train_seconds, train_epochs, stopped_early)
+            self._probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size)
+        self._t_start = time.perf_counter()
+        self._train_seconds, self._train_epochs = 0.0, 0
+        self._stopped_early = False
+        self.epoch = self.start_epoch
+        self.done = self.epoch > c.epochs
+        self._bar = self._progress_bar()
+
+    def end_epoch(self, stats: dict[str, float]) -> None:
+        """Evaluate, log, checkpoint after ``self.epoch``; advance or finish."""
+        c, epoch = self.config, self.epoch
+        if epoch > self.start_epoch or epoch == c.epochs:  # the first epoch includes capture/compile
+            self._train_seconds += stats["epoch_time_s"]
+            self._train_epochs += 1
+        record: dict[str, Any] = {"epoch": epoch, **stats}
+        final = epoch == c.epochs
+        over_time = c.time_limit_s is not None and time.perf_counter() - self._t_start > c.time_limit_s
+        if epoch % c.eval_every == 0 or final or over_time:
+            test = self.evaluate()
+            record.update(test)
+            self.metrics = record
+            if self.best is None or test["acc"] > self.best["acc"]:
+                self.best = {"epoch": epoch, "acc": test["acc"], "tail_acc": test["tail_acc"]}
+            self._append_jsonl("metrics.jsonl", record)
+        if self._probe is not None and (epoch % c.spectra_every == 0 or epoch == 1):
+            self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe(self.model)})
+        ckpt = self._checkpoint(epoch)
+        if epoch == 1 or epoch % c.save_every == 0 or final or over_time:
+            atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
+        atomic_torch_save(self.out_dir / "last.pt", ckpt)
+        self._report(self._bar, record)
+        self.epoch += 1
+        if over_time and not final:
+            self._stopped_early = True
+            self.log(f"[{c.method}] time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
+        self.done = final or over_time
+
+    def finish(self) -> FitResult:
+        """Write ``summary.json``."""
+        if self._bar is not None:
+            self._bar.close()
+        summary = self._summary(self.epoch - 1, time.perf_counter() - self._t_start, self._train_seconds, self._train_epochs, self._stopped_early)
         atomic_write_json(self.out_dir / "summary.json", summary)
         return FitResult(self.out_dir, summary, self.model)
 
@@ -499,6 +528,50 @@ class Trainer:
             "images_per_s": (self.batches.steps * c.batch_size / per_epoch) if per_epoch else None,
             "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
         }
+
+
+def fit_many(
+    configs: list[TrainConfig], out_dirs: list[str | Path], resume: bool = False, log: Callable[[str], None] | None = None
+) -> list[FitResult]:
+    """Train several runs in one process, step by step in lockstep, each on its
+    own CUDA stream, so that their small kernels (or replayed graphs) overlap on
+    one GPU. Each run is exactly what :func:`fit` would produce; on the CPU
+    they simply alternate. Runs must use the same device.
+    """
+    trainers = [Trainer(c, d, resume=resume, log=log) for c, d in zip(configs, out_dirs)]
+    devices = {t.device for t in trainers}
+    if len(devices) != 1:
+        raise ValueError(f"fit_many needs one device; got {sorted(map(str, devices))}")
+    on_cuda = next(iter(devices)).type == "cuda"
+    streams = [torch.cuda.Stream(device=t.device) if on_cuda else None for t in trainers]
+
+    def on(stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    for t, st in zip(trainers, streams):
+        with on(st):
+            t.begin()
+    while True:
+        active = [(t, st) for t, st in zip(trainers, streams) if not t.done]
+        if not active:
+            break
+        steps = {}
+        for t, st in active:
+            with on(st):
+                steps[id(t)] = t.start_train_epoch(t.epoch)
+        for i in range(max(steps.values())):
+            for t, st in active:
+                if i < steps[id(t)]:
+                    with on(st):
+                        t.train_step(i)
+        for t, st in active:
+            with on(st):
+                t.end_epoch(t.finish_train_epoch())
+    results = []
+    for t, st in zip(trainers, streams):
+        with on(st):
+            results.append(t.finish())
+    return results
 
 
 def fit(config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> FitResult:

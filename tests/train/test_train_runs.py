@@ -109,3 +109,16 @@ def test_cli_train_and_errors(cifar10_root, tmp_path):
     assert bad.exit_code != 0 and "unknown training setting" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(train, ["--method", "ce", "--out", str(tmp_path / "y"), "--data-root", str(tmp_path / "none")])
     assert missing.exit_code != 0 and "--data-root" in missing.output
+
+
+def test_fit_many_equals_separate_runs(cifar10_root, tmp_path):
+    from spectra.train import fit_many
+
+    base = dict(data_root=str(cifar10_root), epochs=2, drw_epoch=1, **TINY)
+    configs = [resolve_config("ce-drw-sam", **base), resolve_config("vs", **base)]
+    together = fit_many(configs, [tmp_path / "a", tmp_path / "b"], log=lambda m: None)
+    alone = [fit(c, tmp_path / f"alone{i}", log=lambda m: None) for i, c in enumerate(configs)]
+    for x, y in zip(together, alone):
+        sx, sy = x.model.state_dict(), y.model.state_dict()
+        assert all(torch.equal(sx[k], sy[k]) for k in sx)
+        assert x.summary["epochs_completed"] == 2 and (x.out_dir / "summary.json").exists()
