@@ -78,6 +78,7 @@ class TrainConfig:
     spectra_every: int = 0  # 0: off; N: per-class lambda_max / lambda_min every N epochs
     spectra_samples_per_class: int = 500
     spectra_batch_size: int = 250
+    spectra_max_iter: int = 100  # Lanczos products per class and end (tolerance 1e-3 relative residual)
     time_limit_s: float | None = None  # stop cleanly (checkpoint + summary) after the epoch that passes it
     progress: bool = True
 

@@ -393,7 +393,8 @@ class Trainer:
         saved = dict(ckpt["config"])
         mine = self.config.to_dict()
         # Run-control settings may change on resume; the recipe may not.
-        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "spectra_every", "save_every"}
+        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "save_every",
+                "spectra_every", "spectra_samples_per_class", "spectra_batch_size", "spectra_max_iter"}
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {self.out_dir}: {', '.join(changed)}")
@@ -442,7 +443,7 @@ class Trainer:
         if c.spectra_every:
             from .spectra_probe import PerClassSpectra
 
-            self._probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size)
+            self._probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size, max_iter=c.spectra_max_iter)
         self._t_start = time.perf_counter()
         self._train_seconds, self._train_epochs = 0.0, 0
         self._stopped_early = False

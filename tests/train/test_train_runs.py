@@ -122,3 +122,13 @@ def test_fit_many_equals_separate_runs(cifar10_root, tmp_path):
         sx, sy = x.model.state_dict(), y.model.state_dict()
         assert all(torch.equal(sx[k], sy[k]) for k in sx)
         assert x.summary["epochs_completed"] == 2 and (x.out_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_spectra_every_stores_per_class_extremes(cifar10_root, tmp_path):
+    cfg = resolve_config("ce-drw", data_root=str(cifar10_root), epochs=1, spectra_every=1, spectra_samples_per_class=4, spectra_max_iter=8, **TINY)
+    fit(cfg, tmp_path / "run", log=lambda m: None)
+    record = json.loads((tmp_path / "run" / "spectra.jsonl").read_text().splitlines()[0])
+    assert record["epoch"] == 1 and record["classes"] == list(range(10))
+    for lmax, lmin, ratio in zip(record["lambda_max"], record["lambda_min"], record["ratio"]):
+        assert lmin <= lmax and ratio == pytest.approx(abs(lmin / lmax))
