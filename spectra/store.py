@@ -45,6 +45,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "PROVENANCE",
     "RESULT_DATASETS",
+    "RESULT_ATTRIBUTES",
     "StoreError",
     "StoreLockedError",
     "ResultRecord",
@@ -69,9 +70,10 @@ _TMP_PREFIX = ".tmp-"
 # _JSON_ATTRS hold JSON text (HDF5 attributes cannot hold nested mappings).
 PROVENANCE: dict[str, str] = {
     "kind": "analysis: 'eigs' (extreme eigenvalues), 'density' (spectral density, SLQ) or 'trace'",
-    "settings_hash": "SHA-256 of the canonical JSON of everything that determines the result "
-                     "(kind, algorithm parameters, seed, dtype, loss, parameter selection, data set spec, class)",
-    "checkpoint_path": "path of the checkpoint file as given",
+    "settings_hash": "SHA-256 of the canonical JSON of everything besides checkpoint and class that "
+                     "determines the result (kind, algorithm and its parameters, seed, dtype, loss, parameter "
+                     "selection, data set identity without its local root, per-class sample cap)",
+    "checkpoint_path": "absolute path of the checkpoint file when analysed",
     "checkpoint_sha256": "SHA-256 of the checkpoint file's bytes",
     "checkpoint_format": "spectra | reference | state_dict | torchscript | pickled-module",
     "epoch": "completed training epochs of the checkpoint (-1 if unknown)",
@@ -102,6 +104,12 @@ PROVENANCE: dict[str, str] = {
     "wall_time_s": "wall-clock seconds of the computation",
     "created_utc": "ISO-8601 time the entry was written",
     "complete": "True once the entry is whole (set before the atomic rename)",
+}
+# Attributes that only some kinds carry.
+RESULT_ATTRIBUTES: dict[str, dict[str, str]] = {
+    "eigs": {"converged": "every residual <= tol · max|Ritz value|", "tol": "relative residual tolerance"},
+    "density": {"sigma": "standard deviation of the Gaussian kernel that smooths the quadrature"},
+    "trace": {"trace_method": "hutch++ or hutchinson"},
 }
 _JSON_ATTRS = frozenset({"model_kwargs", "dataset", "class_counts", "algorithm_params", "params"})
 
@@ -136,6 +144,7 @@ def schema_doc() -> dict[str, Any]:
         "entry_attributes": PROVENANCE,
         "json_attributes": sorted(_JSON_ATTRS),
         "entry_datasets": RESULT_DATASETS,
+        "entry_kind_attributes": RESULT_ATTRIBUTES,
         "docs": "docs/hdf5-schema.md",
     }
 
