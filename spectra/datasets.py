@@ -211,8 +211,9 @@ class DatasetSpec:
 
     ``name``: cifar10, cifar100 (balanced) or cifar10-lt, cifar100-lt.
     ``imbalance_ratio`` / ``profile`` / ``seed`` only matter for ``-lt`` names
-    and the train split; ``max_samples`` (optional) keeps the first N samples
-    of the resulting split (for quick tests and dry runs).
+    and the train split; ``max_samples`` (optional) keeps about N samples of
+    the resulting split, the first ``max(1, floor(n_c·N/total))`` of each
+    class, so every class stays present (for quick tests and dry runs).
     """
 
     name: str
@@ -289,7 +290,7 @@ def load_dataset(spec: DatasetSpec) -> LoadedDataset:
     else:
         idx = np.arange(len(labels), dtype=np.int64)
     if spec.max_samples is not None:
-        idx = idx[: int(spec.max_samples)]
+        idx = _stratified_prefix(idx, labels[idx], num_classes, int(spec.max_samples))
     sel_labels = labels[idx]
     return LoadedDataset(
         images=torch.from_numpy(images[idx]),
@@ -299,6 +300,18 @@ def load_dataset(spec: DatasetSpec) -> LoadedDataset:
         class_counts=np.bincount(sel_labels, minlength=num_classes).astype(int).tolist(),
         spec=spec,
     )
+
+
+def _stratified_prefix(idx: np.ndarray, labels: np.ndarray, num_classes: int, n: int) -> np.ndarray:
+    """Keep about ``n`` of ``idx``: the first ``max(1, floor(n_c · n / N))`` of
+    each class (in ``idx`` order), so a small subset keeps every class and the
+    long-tailed shape."""
+    if n >= len(idx):
+        return idx
+    counts = np.bincount(labels, minlength=num_classes)
+    keep = np.where(counts > 0, np.maximum(1, (counts * n) // max(len(idx), 1)), 0)
+    chosen = [idx[labels == c][: keep[c]] for c in range(num_classes)]
+    return np.concatenate(chosen)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
