@@ -61,6 +61,40 @@ def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float |
     return {"mode": used, "s_per_epoch": sec, "img_per_s": steps_per_epoch * args.batch_size / sec, "warmup_s": warmup}
 
 
+def measure_concurrent(n: int, args: argparse.Namespace, root: str) -> dict[str, float]:
+    """``n`` runs of the method in lockstep, one CUDA stream each (as
+    ``spectra.train.fit_many``): seconds per epoch of all ``n`` together."""
+    import contextlib
+
+    cfg = resolve_config(args.method, "cifar10-lt", data_root=root, device=args.device, compile=args.concurrent_mode,
+                         amp=args.amp, batch_size=args.batch_size, progress=False, max_test_samples=1000)
+    with tempfile.TemporaryDirectory() as out:
+        trainers = [Trainer(cfg, Path(out) / str(i), log=print) for i in range(n)]
+        cuda = args.device.startswith("cuda")
+        streams = [torch.cuda.Stream() if cuda else None for _ in trainers]
+        on = lambda st: torch.cuda.stream(st) if st is not None else contextlib.nullcontext()  # noqa: E731
+        for t in trainers:
+            t.prepare()
+        times = []
+        for epoch in (1, 2, 3):  # epoch 1: warm-up (capture)
+            t0 = time.perf_counter()
+            steps = [None] * n
+            for k, (t, st) in enumerate(zip(trainers, streams)):
+                with on(st):
+                    steps[k] = t.start_train_epoch(epoch, max_steps=args.steps)
+            for i in range(max(steps)):
+                for t, st in zip(trainers, streams):
+                    with on(st):
+                        t.train_step(i)
+            for t, st in zip(trainers, streams):
+                with on(st):
+                    t.finish_train_epoch()
+            scale = trainers[0].batches.steps / max(steps)
+            times.append((time.perf_counter() - t0) * scale)
+    sec = float(np.median(times[1:]))
+    return {"s_per_epoch_all": sec, "img_per_s_all": n * trainers[0].batches.steps * args.batch_size / sec}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--concurrent", type=int, default=0, help="also time N runs in lockstep on N CUDA streams (fit_many)")
+    parser.add_argument("--concurrent-mode", default="auto", help="--compile mode of the concurrent runs")
     args = parser.parse_args()
     if args.device == "cpu" and args.steps is None:
         args.steps = 5
@@ -88,6 +124,10 @@ def main() -> None:
         for mode in modes:
             r = measure(mode, args, root)
             print(f"{r['mode']:<24} {r['s_per_epoch']:>9.3f} {r['img_per_s']:>9.0f} {r['warmup_s']:>10.1f}", flush=True)
+        if args.concurrent:
+            r = measure_concurrent(args.concurrent, args, root)
+            print(f"{args.concurrent} concurrent runs ({args.concurrent_mode}): {r['s_per_epoch_all']:.3f} s per epoch of all runs, "
+                  f"{r['img_per_s_all']:.0f} img/s in total", flush=True)
 
 
 if __name__ == "__main__":
