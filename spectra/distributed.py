@@ -248,6 +248,20 @@ def gather_to_writer(obj: Any) -> Optional[list[Any]]:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a MAX all-reduce).
+
+    A job's outcome must be agreed before ranks take different branches, or
+    the ranks that go on wait forever in the next collective.
+    """
+    if not (_group_ready() and dist.get_world_size() > 1):
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_from_writer(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the list of jobs not yet stored,
     read from the results file by the writer alone). Collective."""

@@ -107,6 +107,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["rounds"] = rounds
         results["broadcast"] = sd.gather_to_writer(sd.broadcast_from_writer(f"from rank {ctx.rank}"))
         results["is_writer"] = sd.gather_to_writer(sd.is_writer())
+        results["any_rank"] = [sd.any_rank(ctx.rank == 1), sd.any_rank(False)]
         sd.barrier()
         if ctx.is_writer:
             torch.save(results, out)
@@ -190,6 +191,7 @@ def test_jobs_gathered_on_the_writer_round_by_round(two_ranks):
     assert two_ranks["rounds"] == [[0, 1], [2, 3], [4, None]]
     assert two_ranks["broadcast"] == ["from rank 0", "from rank 0"]
     assert two_ranks["is_writer"] == [True, False]
+    assert two_ranks["any_rank"] == [True, False]  # rank 1's failure is seen on the writer
 
 
 def test_whole_distributed_run_is_quick(two_ranks):
@@ -232,6 +234,7 @@ def test_single_process_context_is_a_no_op(monkeypatch):
     ctx = sd.init_from_env(device="cpu")
     assert (ctx.rank, ctx.world_size, ctx.is_writer, ctx.is_distributed, ctx.backend) == (0, 1, True, False, None)
     assert sd.gather_to_writer("x") == ["x"] and sd.broadcast_from_writer(3) == 3 and sd.split_jobs([1, 2]) == [1, 2]
+    assert sd.any_rank(True) and not sd.any_rank(False)
     sd.barrier()
     with sd.distributed_session(device="cpu") as same:
         assert same == ctx
