@@ -65,7 +65,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 def load_classes(args: argparse.Namespace) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], str]:
     """Normalised images per class, from a CIFAR root, the shared lossless sample, or noise."""
     if args.data_root:
-        data = load_dataset(DatasetSpec(args.dataset, root=args.data_root, split="train"))
+        data = load_dataset(DatasetSpec(args.dataset, root=args.data_root, split="train",
+                                        max_samples=args.max_samples))
         x, y, source = normalize(data.images), data.labels, f"{args.dataset} from {args.data_root}"
     elif SHARED.exists():
         raw = np.load(SHARED)
@@ -232,6 +233,7 @@ def main() -> None:
     p.add_argument("--checkpoint", help="load weights from a checkpoint instead of a random init")
     p.add_argument("--dataset", default="cifar10-lt")
     p.add_argument("--data-root", help="CIFAR root in the standard python format")
+    p.add_argument("--max-samples", type=int, help="keep about N images of the data set (dry runs)")
     p.add_argument("--samples", type=int, default=30, help="per class when no --data-root (×10 images read)")
     p.add_argument("--compare-class", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="HVP batch size (default: the whole class)")
@@ -251,6 +253,7 @@ def main() -> None:
     print(f"[{report['machine']}] {args.arch}, {source}", flush=True)
     report["compare"] = compare_on_class(model, classes, args.compare_class, args, device)
     print(json.dumps(report["compare"], indent=1), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))  # kept if the per-class part is cut short
     if args.all_classes:
         report["all_classes"] = all_classes(model, classes, args, device)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared GPU session (device tool): spectra eigen/density benchmark against
+# PyHessian and curvlinops, training speed, and the CIFAR-10-LT table runs.
+# Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
+# to_batches.py and whl/ (pyhessian, curvlinops, einconv wheels). Results -> $OUT.
+# Dry run on the CPU: DEVICE=cpu SMALL=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}; DEVICE=${DEVICE:-cuda}; SMALL=${SMALL:-0}
+mkdir -p "$OUT" /tmp/shim
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
+ln -sfn "$PWD/cli" /tmp/shim/spectra_cli   # the CLI package without an install
+export PYTHONPATH="$PWD:/tmp/shim:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
+[ -d /tmp/data/cifar-10-batches-py ] || python3 .gpu/to_batches.py /tmp/data >/dev/null
+if [ "$SMALL" = 1 ]; then
+  EIG_ARGS="--arch resnet8 --max-samples 400 --block-sizes 1 4"; EPOCHS=1; BUDGET=120; EXTRA="--max-train-samples 256 --methods ce,ce-drw-sam"
+  SPEED_ARGS="--steps 2"
+else
+  EIG_ARGS="--arch resnet32 --batch-size 512"; EPOCHS=200; BUDGET=${BUDGET:-210}; EXTRA="--methods ${METHODS:-ce-drw,ce-drw-sam}"; SPEED_ARGS=""
+fi
+echo "== spectra eigenvalues/density benchmark"
+timeout 200 python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+  --compare-class 3 --all-classes $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
+tail -25 "$OUT/eigs_${DEVICE}.log"
+echo "== training speed"
+timeout 75 python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
+echo "== CIFAR-10-LT table (budget ${BUDGET}s)"
+timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out /tmp/table \
+  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" $EXTRA > "$OUT/table.log" 2>&1
+tail -20 "$OUT/table.log"; cat /tmp/table/results.md 2>/dev/null
+tar czf "$OUT/table.tgz" -C /tmp --exclude='*.pt' table 2>/dev/null
+ls -la "$OUT"
