@@ -22,10 +22,11 @@ def _summary(record: store.ResultRecord) -> tuple[str, str]:
         bottom = fmt(float(a["bottom"][0])) if len(a["bottom"]) else "-"
         residuals = [float(x) for x in list(a["top_residuals"]) + list(a["bottom_residuals"])]
         quality = f"res {fmt(max(residuals), 2)}" + ("" if p.get("converged", True) else " NOT converged")
-        return f"λmax {top}  λmin {bottom}", quality
+        return f"λmax {top:>9}  λmin {bottom:>9}", quality
     if record.kind == "density":
-        return f"nodes [{fmt(float(a['nodes'].min()))}, {fmt(float(a['nodes'].max()))}]", f"sigma {fmt(p.get('sigma'), 2)}"
-    return f"trace {fmt(float(a['estimate']))}", f"± {fmt(float(a['stderr']), 2)}"
+        low, high = fmt(float(a["nodes"].min())), fmt(float(a["nodes"].max()))
+        return f"nodes [{low:>9}, {high:>9}]", f"sigma {fmt(p.get('sigma'), 2)}"
+    return f"trace {fmt(float(a['estimate'])):>9}", f"± {fmt(float(a['stderr']), 2)}"
 
 
 @click.command("info")
