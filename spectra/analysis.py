@@ -37,7 +37,6 @@ from spectra import datasets as ds
 from spectra.checkpoints import (
     CheckpointError,
     LoadedCheckpoint,
-    file_sha256,
     load_checkpoint,
     read_checkpoint_epoch,
 )
