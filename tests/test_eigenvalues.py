@@ -121,3 +121,13 @@ def test_hvp_count_for_the_cnn_to_1e6(dense_cache, capsys):
     with capsys.disabled():
         print(f"\n[cnn d={problem.operator().dim}] tol 1e-6: {res.num_matvecs} HVPs "
               f"({res.num_iterations} Lanczos + 2 check), residuals {res.top_residuals[0]:.1e}/{res.bottom_residuals[0]:.1e}")
+
+
+def test_float32_keeps_iterating_until_measured_residuals_meet_tol(dense_cache):
+    problem, dense = dense_cache("cnn")
+    ev, scale = _reference(dense)
+    res = spectra.eigenvalues(problem.operator(dtype=torch.float32), k=2, tol=1e-5)
+    assert res.converged
+    assert max(res.top_residuals.max(), res.bottom_residuals.max()) <= 1e-5 * res.scale
+    np.testing.assert_allclose(res.top, ev[::-1][:2], atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(res.bottom, ev[:2], atol=1e-5 * scale, rtol=0)
