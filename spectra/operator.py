@@ -138,7 +138,9 @@ class HessianOperator:
             does so whenever ``torch.distributed`` is initialised with more than
             one rank.
         compile: ``torch.compile`` the batched jvp-of-grad product (GPUs; the
-            first products pay the compilation, each new batch shape recompiles).
+            first products pay the compilation). Give ``batch_size`` too: batches
+            are then padded to that one static shape (exactly, see
+            ``_product_batches``), so a single compilation serves all data.
 
     ``H @ v`` accepts a vector of shape ``(d,)`` or a block ``(d, k)`` in any
     floating dtype and device, and returns the product in float64 on ``v``'s
@@ -217,6 +219,25 @@ class HessianOperator:
             batches = rebatch(batches, self._batch_size)
         return batches
 
+    def _product_batches(self) -> Iterator[tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """Batches for products: ``(x, y, real)``; padded to one static shape when compiling.
+
+        With ``compile=True`` and a ``batch_size`` (eval mode), every batch is
+        padded to ``batch_size`` rows by repeating its own rows; ``real`` marks
+        the genuine ones, whose outputs alone carry derivatives. The batch mean
+        then equals ``(n/B)·mean_real + const``, so weighting the product by
+        B instead of n is exact, and one compiled graph serves every batch and
+        every class.
+        """
+        pad_to = self._batch_size if (self.compile and self.eval_mode) else None
+        for x, y in self.batches():
+            n = len(y)
+            if pad_to is None or n == pad_to:
+                yield x, y, (torch.ones(n, dtype=torch.bool, device=x.device) if pad_to else None)
+                continue
+            rows = torch.arange(pad_to, device=x.device) % n
+            yield x[rows], y[rows], rows == torch.arange(pad_to, device=x.device)
+
     def batches(self) -> Iterator[Batch]:
         """The batches of this rank, on the compute device."""
         if self._cache is not None:
@@ -291,8 +312,11 @@ class HessianOperator:
         return self._all_reduce(total) / self.num_samples
 
     # ------------------------------------------------------------- products
-    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _batch_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor,
+                    real: Optional[Tensor] = None) -> Tensor:
         out = functional_call(self.model, {**self._frozen, **params}, (x,))
+        if real is not None:  # padding rows: same shape, no derivative (eval mode: rows independent)
+            out = torch.where(real.view(-1, *(1,) * (out.ndim - 1)), out, out.detach())
         return self.loss_fn(out, y)
 
     def _split(self, cols: Tensor) -> dict[str, Tensor]:
@@ -307,8 +331,8 @@ class HessianOperator:
         acc = torch.zeros(k, self.dim, dtype=torch.float64, device=self.device)
         product = self._hvp_forward_over_reverse if self.method == "forward-over-reverse" else self._hvp_double_backward
         with _tf32(self.allow_tf32), _mode(self.model, not self.eval_mode):
-            for x, y in self.batches():
-                acc.add_(product(tangents, x, y), alpha=float(len(y)))
+            for x, y, real in self._product_batches():
+                acc.add_(product(tangents, x, y, real), alpha=float(len(y)))
         self.num_matvecs += k
         self.num_passes += 1
         acc = self._all_reduce(acc)
@@ -318,9 +342,10 @@ class HessianOperator:
         """vmap over tangents of jvp(grad(batch loss)): k HVPs of one batch in one pass."""
         grad_fn = grad(self._batch_loss)
 
-        def product(params: dict[str, Tensor], tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        def product(params: dict[str, Tensor], tangents: dict[str, Tensor], x: Tensor, y: Tensor,
+                    real: Optional[Tensor]) -> Tensor:
             def single(v: dict[str, Tensor]) -> Tensor:
-                _, hv = jvp(lambda p: grad_fn(p, x, y), (params,), (v,))
+                _, hv = jvp(lambda p: grad_fn(p, x, y, real), (params,), (v,))
                 return torch.cat([t.reshape(-1) for t in hv.values()])
 
             return vmap(single)(tangents)
@@ -328,14 +353,16 @@ class HessianOperator:
         # torch.compile traces jvp(grad) cleanly (it cannot compile a double backward)
         return torch.compile(product, dynamic=False) if self.compile else product
 
-    def _hvp_forward_over_reverse(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return self._product(self._params, tangents, x, y).double()
+    def _hvp_forward_over_reverse(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
+                                  real: Optional[Tensor]) -> Tensor:
+        return self._product(self._params, tangents, x, y, real).double()
 
-    def _hvp_double_backward(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _hvp_double_backward(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
+                             real: Optional[Tensor]) -> Tensor:
         params = {n: p.detach().requires_grad_(True) for n, p in self._params.items()}
         leaves = list(params.values())
         with torch.enable_grad():
-            g = torch.autograd.grad(self._batch_loss(params, x, y), leaves, create_graph=True)
+            g = torch.autograd.grad(self._batch_loss(params, x, y, real), leaves, create_graph=True)
             k = next(iter(tangents.values())).shape[0]
             rows = []
             for j in range(k):

@@ -109,3 +109,13 @@ def test_uncached_data_gives_the_same_products(dense_cache):
     problem, dense = dense_cache("mlp")
     H = problem.operator(cache_data=False)
     torch.testing.assert_close(H.to_dense(), dense, rtol=0, atol=1e-12)
+
+
+def test_compiled_products_with_padded_static_batches(dense_cache):
+    """compile=True pads every batch to batch_size rows; the padding is exact."""
+    problem, dense = dense_cache("mlp")
+    H = problem.operator(compile=True, batch_size=16)
+    shapes = {tuple(x.shape) for x, _, _ in H._product_batches()}
+    assert shapes == {(16, 6)}  # one static shape: one compilation
+    v = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
