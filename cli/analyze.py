@@ -5,19 +5,22 @@ given with ``--class`` (an index, a name, a comma-separated list or ``all``),
 print a table (or JSON with ``--json``) and optionally store the results in
 an HDF5 file (``--out``). ``sweep`` runs every checkpoint × class into a
 results file and skips entries that are already stored with the same settings.
+
+Under ``torchrun`` every command joins the process group (gloo on CPUs, NCCL
+on GPUs, one GPU per rank); the ranks share each class's samples (``sweep
+--spread jobs``: the jobs instead), and only rank 0 prints and writes.
 """
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import click
 
-from spectra.analysis import SweepEvent, analyse_checkpoint, run_sweep
+from spectra.analysis import SPREADS, SweepEvent, analyse_checkpoint, open_writer_on_rank_zero, run_sweep
 from spectra.progress import progress_bar
-from spectra.store import ResultRecord, ResultsWriter
+from spectra.store import ResultRecord
 
 from .common import (
     checkpoint_options,
@@ -25,6 +28,7 @@ from .common import (
     data_options,
     data_options_from,
     density_options,
+    distributed_session,
     eigs_options,
     emit_json,
     fmt,
@@ -42,22 +46,18 @@ __all__ = ["eigs", "density", "trace", "sweep"]
 _CLASS_HELP = "Class: an index, a name, a comma-separated list, or 'all'."
 
 
-def _writer(out: str | None) -> ContextManager[ResultsWriter | None]:
-    # Opened before any work so a locked, foreign or unwritable file fails fast.
-    return ResultsWriter(out) if out else nullcontext(None)
-
-
-def _analyse(kind: str, checkpoint: str, classes: str, opts: dict[str, Any]) -> list[ResultRecord]:
-    """Run ``kind`` on the classes of one checkpoint; store and return the records."""
+def _analyse(kind: str, checkpoint: str, classes: str, opts: dict[str, Any]) -> list[ResultRecord] | None:
+    """Run ``kind`` on the classes of one checkpoint; store and return the records
+    (None on torchrun ranks other than 0, which neither print nor write)."""
     settings = settings_from(kind, opts)
-    with _writer(opts.get("out")) as writer:
+    with distributed_session(opts) as ctx, open_writer_on_rank_zero(opts.get("out")) as writer:
         records = analyse_checkpoint(
-            checkpoint, classes, settings, data_options_from(opts), load_options_from(opts), progress=True,
+            checkpoint, classes, settings, data_options_from(opts), load_options_from(opts), progress=ctx.is_writer,
         )
         if writer is not None:
             for record in records:
                 writer.write(record)
-    return records
+        return records if ctx.is_writer else None
 
 
 def _header(record: ResultRecord) -> str:
@@ -93,6 +93,8 @@ def _report(records: list[ResultRecord], headers: list[str], row: Any, opts: dic
 def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
     """Extreme eigenvalues (λmax, λmin) of per-class Hessians, with residuals."""
     records = _analyse("eigs", checkpoint, classes, opts)
+    if records is None:
+        return
 
     def row(r: ResultRecord) -> list[Any]:
         p, a = r.provenance, r.arrays
@@ -126,6 +128,8 @@ def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
 def density(checkpoint: str, classes: str, plot_path: str | None, **opts: Any) -> None:
     """Spectral density of per-class Hessians by stochastic Lanczos quadrature."""
     records = _analyse("density", checkpoint, classes, opts)
+    if records is None:
+        return
     if plot_path:
         from spectra.plots import plot_density
 
@@ -157,6 +161,8 @@ def density(checkpoint: str, classes: str, plot_path: str | None, **opts: Any) -
 def trace(checkpoint: str, classes: str, **opts: Any) -> None:
     """Trace of per-class Hessians (Hutch++ or Hutchinson) with its standard error."""
     records = _analyse("trace", checkpoint, classes, opts)
+    if records is None:
+        return
 
     def row(r: ResultRecord) -> list[Any]:
         p, a = r.provenance, r.arrays
@@ -175,6 +181,9 @@ def trace(checkpoint: str, classes: str, **opts: Any) -> None:
 @click.option("--density/--no-density", "with_density", default=False, help="Also compute spectral densities.")
 @click.option("--trace/--no-trace", "with_trace", default=False, help="Also compute traces.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (only that) on stdout.")
+@click.option("--spread", type=click.Choice(SPREADS), default="samples", show_default=True,
+              help="Under torchrun: share each class's samples over the ranks, or deal whole "
+                   "(checkpoint, class) jobs to them (rank 0 writes either way).")
 @eigs_options
 @density_options
 @trace_options
@@ -183,7 +192,7 @@ def trace(checkpoint: str, classes: str, **opts: Any) -> None:
 @compute_options
 @handle_errors
 def sweep(paths: tuple[str, ...], classes: str, out: str, with_density: bool, with_trace: bool,
-          as_json: bool, **opts: Any) -> None:
+          as_json: bool, spread: str, **opts: Any) -> None:
     """Every checkpoint × class into RESULTS.h5; reruns skip stored entries.
 
     PATHS are checkpoint files or run folders (their ckpt_epoch*.pt files, and
@@ -191,6 +200,16 @@ def sweep(paths: tuple[str, ...], classes: str, out: str, with_density: bool, wi
     it is computed: an interrupted sweep keeps everything finished before.
     """
     kinds = ["eigs"] + (["density"] if with_density else []) + (["trace"] if with_trace else [])
+    with distributed_session(opts) as ctx:
+        if not ctx.is_writer:  # computes its share; rank 0 reports
+            run_sweep(paths, out, classes=classes, kinds=kinds, settings=settings_from("eigs", opts),
+                      data_options=data_options_from(opts), load_options=load_options_from(opts), spread=spread)
+            return
+        _sweep_and_report(paths, out, classes, kinds, as_json, spread, opts)
+
+
+def _sweep_and_report(paths: tuple[str, ...], out: str, classes: str, kinds: list[str], as_json: bool,
+                      spread: str, opts: dict[str, Any]) -> None:
     bar = progress_bar(total=None, desc="sweep", unit="job")
 
     def on_event(event: SweepEvent) -> None:
@@ -209,6 +228,7 @@ def sweep(paths: tuple[str, ...], classes: str, out: str, with_density: bool, wi
         summary = run_sweep(
             paths, out, classes=classes, kinds=kinds, settings=settings_from("eigs", opts),
             data_options=data_options_from(opts), load_options=load_options_from(opts), progress=on_event,
+            spread=spread,
         )
     finally:
         bar.close()

@@ -4,23 +4,28 @@ Every command is wrapped by :func:`handle_errors`: library errors caused by
 the user's input (missing files, unknown architectures, key mismatches,
 classes out of range, foreign or locked results files, unwritable outputs)
 become one ``Error: ...`` line on stderr and exit status 1, never a traceback.
+Under ``torchrun`` only rank 0 prints that line; the other ranks exit 1 quietly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import sys
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
 import numpy as np
 
+from spectra import distributed as sd
 from spectra.analysis import KINDS, LOSSES, AnalysisSettings, DataOptions, LoadOptions
 from spectra.store import ResultRecord
 
 __all__ = [
     "handle_errors",
+    "distributed_session",
     "checkpoint_options",
     "data_options",
     "compute_options",
@@ -51,26 +56,56 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _quiet_rank() -> bool:
+    """A torchrun rank other than 0: it reports nothing (rank 0 says it once)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into ``click.ClickException`` (one line, exit 1)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            return _as_click_error(func, *args, **kwargs)
         except click.ClickException:
-            raise
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            # OSError covers h5py's file errors; ValueError the loaders' and
-            # AnalysisError/CheckpointError; RuntimeError download failures
-            # and model/data mismatches raised inside torch.
-            raise click.ClickException(_one_line(exc)) from None
-        except Exception as exc:  # library errors with their own base (StoreError)
-            if type(exc).__module__.startswith("spectra"):
-                raise click.ClickException(_one_line(exc)) from None
+            if _quiet_rank():  # rank 0 hit the same error and reports it
+                raise SystemExit(1) from None
             raise
 
     return wrapper
+
+
+def _as_click_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``func``; an expected failure becomes a one-line ``ClickException``."""
+    try:
+        return func(*args, **kwargs)
+    except click.ClickException:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        # OSError covers h5py's file errors; ValueError the loaders' and
+        # AnalysisError/CheckpointError; RuntimeError download failures
+        # and model/data mismatches raised inside torch.
+        raise click.ClickException(_one_line(exc)) from None
+    except Exception as exc:  # library errors with their own base (StoreError)
+        if type(exc).__module__.startswith("spectra"):
+            raise click.ClickException(_one_line(exc)) from None
+        raise
+
+
+@contextlib.contextmanager
+def distributed_session(opts: dict[str, Any]) -> Iterator[sd.DistContext]:
+    """Join the ``torchrun`` job (nothing to join in a plain process) for one command.
+
+    ``opts["device"]`` becomes this rank's device: ``auto``/``cuda`` pick
+    ``cuda:LOCAL_RANK`` under torchrun (NCCL), the CPU uses gloo. The group
+    is destroyed when the command ends.
+    """
+    wanted = opts.get("device")
+    with sd.distributed_session(device=None if wanted in (None, "", "auto") else wanted) as ctx:
+        if ctx.is_distributed:
+            opts["device"] = str(ctx.device)
+        yield ctx
 
 
 def _compose(*decorators: Decorator) -> Decorator:
