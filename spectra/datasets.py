@@ -17,7 +17,6 @@ stays the balanced official one.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import pickle
 import shutil
@@ -31,6 +30,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+
+from .import_spec import import_callable
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -385,20 +386,7 @@ def load_user_dataset(spec: str, **kwargs: Any) -> Any:
     ``(inputs, targets)`` of tensors with the same first dimension; the pair is
     wrapped in a ``TensorDataset``.
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"bad data set spec {spec!r}; expected 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name!r} for data set {spec!r}: {exc}") from exc
-    factory: Any = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise ValueError(f"{spec!r} is not callable")
+    factory = import_callable(spec, "data set", "package.module:function")
     result = factory(**kwargs)
     if isinstance(result, torch.utils.data.Dataset):
         return result

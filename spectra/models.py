@@ -10,12 +10,13 @@ is called with the keyword arguments (a class or a factory function).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .import_spec import import_callable
 
 __all__ = [
     "NormedLinear",
@@ -167,23 +168,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _import_attr(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"bad import spec {spec!r}; expected 'package.module:Attr'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{spec!r} is not callable")
-    return obj
-
-
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Instantiate an architecture by registry name or ``package.module:Attr``.
 
@@ -193,7 +177,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name in MODELS:
         return MODELS[name](**kwargs)
     if ":" in name:
-        model = _import_attr(name)(**kwargs)
+        model = import_callable(name, "architecture")(**kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"{name!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
