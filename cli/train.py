@@ -3,6 +3,9 @@
 Writes self-describing checkpoints (``ckpt_epochNNNN.pt``, ``last.pt``) that
 ``spectra eigs/density/sweep`` load without extra flags, ``metrics.jsonl``
 (one line per evaluation), ``summary.json`` and ``config.json``.
+
+Under ``torchrun`` it trains data-parallel: ``--batch-size`` is the global
+batch, split evenly over the ranks; rank 0 alone writes and prints.
 """
 from __future__ import annotations
 
@@ -12,8 +15,14 @@ from typing import Any
 
 import click
 
+from spectra import distributed as sd
 from spectra.datasets import DATASET_NAMES, download_cifar
 from spectra.train.config import METHOD_DESCRIPTIONS, METHODS, parse_override, resolve_config
+
+
+def _rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _methods_help() -> str:
@@ -41,7 +50,8 @@ def _methods_help() -> str:
               help="Speed-up: graphs = CUDA-graph capture of the whole step, inductor = torch.compile, max = both; auto = graphs on CUDA, off on CPU.")
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default=None, help="bf16 autocast [default: off].")
 @click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format.")
-@click.option("--spectra-every", type=int, default=None, help="Per-class Hessian λmax/λmin every N epochs into spectra.jsonl (0: off).")
+@click.option("--spectra-every", type=int, default=None, help="Per-class Hessian λmax/λmin every N epochs into results.h5 (the schema of spectra sweep) and spectra.jsonl (0: off).")
+@click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun on GPUs: SyncBatchNorm (statistics of the global batch instead of each rank's rows).")
 @click.option("--max-train-samples", type=int, default=None, help="Train on about N images (every class kept): quick checks.")
 @click.option("--max-test-samples", type=int, default=None, help="Evaluate on about N test images.")
 @click.option("--time-limit-s", type=float, default=None, help="Stop cleanly after the epoch that passes this many seconds.")
@@ -72,11 +82,16 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     if not resume and (out / "last.pt").exists():
         raise click.ClickException(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
     try:
-        if download:
+        if download and _rank_zero():  # the others wait for it in the group's rendezvous
             download_cifar(dataset, config.data_root)
-        result = fit(config, out, resume=resume, log=lambda msg: click.echo(msg, err=True))
+        with sd.distributed_session(device=None if config.device == "auto" else config.device) as ctx:
+            result = fit(config, out, resume=resume, log=lambda msg: click.echo(msg, err=True))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if not _rank_zero():
+            raise SystemExit(1) from None  # rank 0 reports it
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if not ctx.is_writer:
+        return
     s = result.summary
     final, best = s["final"], s["best"] or {}
     tail = ",".join(str(c) for c in s["tail_classes"])

@@ -71,6 +71,7 @@ class TrainConfig:
     compile: str = "auto"  # off | graphs | inductor | max | auto (graphs on CUDA, off on CPU)
     amp: str = "off"  # off | bf16
     channels_last: bool = False
+    sync_bn: bool = False  # under torchrun on GPUs: SyncBatchNorm (batch statistics of the global batch)
     eval_every: int = 1
     eval_batch_size: int = 1000
     save_every: int = 10

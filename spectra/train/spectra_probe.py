@@ -2,48 +2,83 @@
 
 For every class c: ``λmax`` and ``λmin`` of the Hessian of the mean plain
 cross-entropy over (up to ``samples_per_class``) un-augmented training images
-of class c, model in eval mode, computed with :class:`spectra.HessianOperator`
-and :func:`spectra.eigenvalues` (Lanczos with a residual check). The record
-also holds ``|λmin/λmax|``, the paper's saddle indicator.
+of class c, model in eval mode — one ``eigs`` job of :mod:`spectra.analysis`
+(Lanczos with a residual check) on the checkpoint the trainer has just saved.
+
+The records go into the run's results file (``runs/NAME/results.h5``) in the
+schema of ``spectra sweep``, under the same keys a sweep of that checkpoint
+with the same settings would use (``--max-samples K --tol 1e-3 --max-iter M``
+skips them), so ``spectra plot ratio runs/NAME/results.h5`` works directly.
+The trainer also appends a compact line per probe to ``spectra.jsonl``
+(:meth:`PerClassSpectra.summary`), which holds ``|λmin/λmax|``, the paper's
+saddle indicator.
+
+Under ``torchrun`` every rank calls the probe: each keeps a block of every
+class's samples, the operator all-reduces, and rank 0 alone writes.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..datasets import LoadedDataset, normalize
+from ..analysis import AnalysisError, AnalysisSettings, DataCache, DataOptions, analyse_class, open_writer_on_rank_zero
+from ..checkpoints import LoadedCheckpoint
+from ..store import ResultRecord
 
-__all__ = ["PerClassSpectra"]
+__all__ = ["PerClassSpectra", "RESULTS_FILE"]
+
+RESULTS_FILE = "results.h5"
 
 
 class PerClassSpectra:
-    """Callable ``probe(model) -> {"classes": [...], "lambda_max": [...], ...}``."""
+    """Callable ``probe(checkpoint) -> [ResultRecord per class]``, stored in ``results``.
 
-    def __init__(self, train_set: LoadedDataset, device: torch.device, samples_per_class: int = 500, batch_size: int = 250, tol: float = 1e-3, max_iter: int = 100) -> None:
+    ``checkpoint``: the in-memory model with the identity (path, SHA-256,
+    epoch, data set) of the file it was just saved to. ``data_root``: where
+    the training data lives (None: ``$SPECTRA_DATA_ROOT`` or the default).
+    """
+
+    def __init__(self, results: str | Path | None, device: torch.device, data_root: str | None = None,
+                 samples_per_class: int = 500, batch_size: int = 250, tol: float = 1e-3,
+                 max_iter: int = 100) -> None:
+        self.results = Path(results) if results is not None else None
         self.device = device
         self.batch_size = batch_size
-        self.tol, self.max_iter = tol, max_iter
-        self.per_class: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for c in range(train_set.num_classes):
-            idx = torch.nonzero(train_set.labels == c).flatten()[:samples_per_class]
-            self.per_class.append((normalize(train_set.images[idx]).to(device), train_set.labels[idx].to(device)))
+        self.settings = AnalysisSettings(kind="eigs", top_k=1, bottom_k=1, tol=tol, max_iter=max_iter, seed=0)
+        self.cache = DataCache(DataOptions(root=data_root, split="train", max_samples=samples_per_class,
+                                           batch_size=batch_size, device=str(device)))
 
-    def __call__(self, model: nn.Module) -> dict[str, Any]:
-        import spectra  # the analysis engine; imported late (it imports this package's siblings)
+    def __call__(self, checkpoint: LoadedCheckpoint) -> list[ResultRecord]:
+        """Analyse every class that has samples; store the records (rank 0)."""
+        source = self.cache.source(checkpoint)
+        identity = self.cache.identity(checkpoint)
+        records = []
+        with open_writer_on_rank_zero(self.results) as writer:
+            for c in range(len(source.class_names)):
+                try:
+                    data = self.cache.class_data(checkpoint, c)
+                    record = analyse_class(checkpoint, data, self.settings, self.device, self.batch_size,
+                                           source.description, identity, source.class_counts)
+                except AnalysisError:  # no samples, or a diverged model: the same on every rank
+                    continue
+                if writer is not None:
+                    writer.write(record)
+                records.append(record)
+        return records
 
-        out: dict[str, Any] = {"classes": [], "lambda_max": [], "lambda_min": [], "ratio": [], "converged": [], "num_matvecs": []}
-        for c, (x, y) in enumerate(self.per_class):
-            if len(y) == 0:
-                continue
-            H = spectra.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), batch_size=self.batch_size)
-            res = spectra.eigenvalues(H, k=1, which="both", tol=self.tol, max_iter=self.max_iter, seed=0)
-            lmax, lmin = res.lambda_max, res.lambda_min
-            out["classes"].append(c)
+    @staticmethod
+    def summary(records: list[ResultRecord]) -> dict[str, Any]:
+        """``{"classes", "lambda_max", "lambda_min", "ratio", "converged", "num_matvecs"}`` (spectra.jsonl)."""
+        out: dict[str, Any] = {"classes": [], "lambda_max": [], "lambda_min": [], "ratio": [], "converged": [],
+                               "num_matvecs": []}
+        for r in records:
+            lmax, lmin = float(r.arrays["top"][0]), float(r.arrays["bottom"][0])
+            out["classes"].append(r.class_index)
             out["lambda_max"].append(lmax)
             out["lambda_min"].append(lmin)
             out["ratio"].append(abs(lmin / lmax) if lmax else float("nan"))
-            out["converged"].append(bool(res.converged))
-            out["num_matvecs"].append(int(res.num_matvecs))
+            out["converged"].append(bool(r.provenance["converged"]))
+            out["num_matvecs"].append(int(r.provenance["num_matvecs"]))
         return out

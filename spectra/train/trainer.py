@@ -13,6 +13,16 @@ randomness (shuffle, crops, flips, PGD / LPF noise) comes from generators
 seeded with ``(seed, epoch)``. Resuming from ``last.pt`` therefore replays the
 exact same computation; on the CPU the resumed run ends with bit-identical
 weights.
+
+Data-parallel under ``torchrun`` (see ``docs/distributed.md``): every rank
+draws the same global batch of ``batch_size`` images (same seeded generators)
+and trains on its block of ``batch_size / W`` rows; gradients are averaged
+over ranks after every backward (both SAM passes), and a weighted loss (DRW,
+VS, LDAM class weights) is normalised by the class weights of the *global*
+batch, so each update is that of one process with the global batch — except
+BatchNorm, which normalises with each rank's own rows unless ``sync_bn``
+(running statistics are averaged over ranks before every evaluation and
+checkpoint). Rank 0 alone evaluates, logs and writes files.
 """
 from __future__ import annotations
 
@@ -27,8 +37,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .. import distributed as sd
 from ..datasets import CIFAR_MEAN, CIFAR_STD, DatasetSpec, LoadedDataset, load_dataset
 from ..models import MODELS, build_model
 from .augment import EpochBatches, epoch_generator
@@ -84,9 +96,12 @@ class FitResult:
 class _StepState:
     """Tensors a training step reads and writes (fixed addresses for graph replay)."""
 
-    def __init__(self, batch_size: int, device: torch.device, num_params: int, noise_rows: int, channels_last: bool) -> None:
+    def __init__(self, batch_size: int, device: torch.device, num_params: int, noise_rows: int, channels_last: bool,
+                 global_batch_size: int | None = None) -> None:
         self.x = torch.zeros(batch_size, 3, 32, 32, dtype=torch.uint8, device=device)
         self.y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # Data-parallel: the labels of the whole global batch (for its class-weight sum).
+        self.y_global = torch.zeros(global_batch_size, dtype=torch.long, device=device) if global_batch_size else None
         self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255.0)
         self.loss_sum = torch.zeros((), device=device)
@@ -109,8 +124,10 @@ class Trainer:
         config.validate()
         self.config = config
         self.out_dir = Path(out_dir)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.device = resolve_device(config.device)
+        self.dist = self._join_process_group()
+        say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = say if self.dist.is_writer else (lambda msg: None)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self._load_data()
@@ -128,6 +145,20 @@ class Trainer:
         self._graph_failed = False
 
     # ------------------------------------------------------------ setup
+    def _join_process_group(self) -> sd.DistContext:
+        """This rank's place under ``torchrun`` (rank 0 of 1 otherwise); sets
+        ``self.device`` to the rank's GPU (``cuda:LOCAL_RANK``) on CUDA."""
+        if not (sd.launched_by_torchrun() or dist.is_available() and dist.is_initialized()):
+            return sd.DistContext(device=self.device)
+        ctx = sd.init_from_env(device=self.device)
+        self.device = ctx.device
+        if self.config.batch_size % ctx.world_size:
+            raise ValueError(f"the batch size {self.config.batch_size} (global) does not split evenly over "
+                             f"{ctx.world_size} ranks")
+        if self.config.sync_bn and ctx.device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm); train without it on CPUs")
+        return ctx
+
     def _load_data(self) -> None:
         c = self.config
         spec = DatasetSpec(c.dataset, c.data_root, "train", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_train_samples)
@@ -146,8 +177,10 @@ class Trainer:
         self.arch_kwargs: dict[str, Any] = {"num_classes": self.num_classes}
         if c.arch in MODELS or c.cosine_head:
             self.arch_kwargs["cosine_head"] = bool(c.cosine_head)
-        torch.manual_seed(c.seed)
+        torch.manual_seed(c.seed)  # the same initial weights on every rank
         model = build_model(c.arch, **self.arch_kwargs)
+        if c.sync_bn and self.dist.is_distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
         self.model = model.to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -160,13 +193,19 @@ class Trainer:
         self.bn_modules = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         num_params = sum(p.numel() for p in self.params)
         noise_rows = c.lpf_samples if c.optimizer == "lpf" else 1 if c.optimizer == "pgd" else 0
-        self.state = _StepState(c.batch_size, self.device, num_params, noise_rows, c.channels_last)
+        world = self.dist.world_size
+        self.rows = sd.local_batch_slice(c.batch_size, self.dist.rank, world)  # this rank's rows of a global batch
+        self.state = _StepState(c.batch_size // world, self.device, num_params, noise_rows, c.channels_last,
+                                c.batch_size if world > 1 else None)
         self.rho = torch.tensor(float(c.rho), device=self.device)
         self.drw_weights = effective_number_weights(self.class_counts, c.drw_beta).to(self.device)
         self.autocast_dtype = torch.bfloat16 if c.amp == "bf16" else None
 
     def _resolve_compile(self) -> str:
         mode = self.config.compile
+        if self.dist.is_distributed and self.dist.backend != "nccl" and mode in ("auto", "graphs", "max"):
+            # The gradient all-reduce is part of the step; only NCCL collectives can be graph-captured.
+            return "inductor" if mode == "max" else "off"
         if mode == "auto":
             return "graphs" if self.device.type == "cuda" else "off"
         if mode in ("graphs", "max") and self.device.type != "cuda":
@@ -175,13 +214,28 @@ class Trainer:
         return mode
 
     # --------------------------------------------------------- the step
-    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         # cache_enabled=False: autocast's weight-cast cache must not live across CUDA-graph replays.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = self._forward_model(x)
         loss = self.loss_fn(logits.float(), y)
-        (loss * scale if scale != 1.0 else loss).backward()
+        scaled = isinstance(scale, torch.Tensor) or scale != 1.0
+        (loss * scale if scaled else loss).backward()
         return loss.detach(), logits.detach()
+
+    def _rank_loss_scale(self) -> float | torch.Tensor:
+        """Factor that turns this rank's weighted mean loss into its share of the global one.
+
+        The loss of rank r is ``Σ_{i∈r} w_i ℓ_i / S_r`` with ``S_r = Σ_{i∈r} w_{y_i}``;
+        times ``W · S_r / S`` (``S``: the weight sum of the global batch, known on
+        every rank because every rank draws the whole global batch) and averaged
+        over the W ranks, it is ``Σ_i w_i ℓ_i / S``, the single-process loss. With
+        equal weights the factor is exactly 1.
+        """
+        if self.state.y_global is None:
+            return 1.0
+        w = self.loss_fn.weight
+        return w[self.state.y].sum() / w[self.state.y_global].sum() * self.dist.world_size
 
     @contextlib.contextmanager
     def _bn_frozen(self, frozen: bool) -> Iterator[None]:
@@ -204,6 +258,7 @@ class Trainer:
         c, s = self.config, self.state
         params, grads = self.params, self._grads
         x, y = s.model_input(), s.y
+        share = self._rank_loss_scale()
         torch._foreach_zero_(grads)
         if c.optimizer == "lpf":
             # Gradient of the Gaussian-smoothed loss: mean over M noisy copies.
@@ -212,20 +267,22 @@ class Trainer:
                 eps = lpf_noise(s.noise[m], params, c.lpf_sigma)
                 with torch.no_grad():
                     torch._foreach_add_(params, eps)
-                loss_m, logits_m = self._loss_and_backward(x, y, scale=1.0 / c.lpf_samples)
+                loss_m, logits_m = self._loss_and_backward(x, y, scale=share / c.lpf_samples)
                 with torch.no_grad():
                     torch._foreach_sub_(params, eps)
                 if m == 0:
                     loss, logits = loss_m, logits_m
         else:
-            loss, logits = self._loss_and_backward(x, y)
+            loss, logits = self._loss_and_backward(x, y, scale=share)
+        sd.average_gradients(params)  # no-op in one process; SAM's g/||g|| needs the global g
         if c.optimizer == "sam":
             e = sam_perturbation(params, grads, self.rho, c.sam_adaptive)
             with torch.no_grad():
                 torch._foreach_add_(params, e)
             torch._foreach_zero_(grads)
             with self._bn_frozen(c.sam_bn == "freeze"):
-                self._loss_and_backward(x, y)
+                self._loss_and_backward(x, y, scale=share)
+            sd.average_gradients(params)
             with torch.no_grad():
                 torch._foreach_sub_(params, e)
         if c.optimizer == "pgd":
@@ -239,7 +296,7 @@ class Trainer:
                 torch._foreach_add_(params, split_like(xi, params))
                 s.pgd_since.copy_(torch.where(eligible > 0, 0.0, s.pgd_since) + 1.0)
                 s.pgd_count.add_(eligible)
-            s.loss_sum.add_(loss)
+            s.loss_sum.add_(loss * share)  # summed over ranks: W × the global-batch loss
             s.correct.add_((logits.argmax(1) == y).sum())
 
     def _run_step(self) -> None:
@@ -331,16 +388,22 @@ class Trainer:
     def train_step(self, i: int) -> None:
         """Step ``i`` of the current epoch (no host synchronisation)."""
         s = self.state
-        s.x.copy_(self._xs[i])
-        s.y.copy_(self._ys[i])
+        s.x.copy_(self._xs[i][self.rows])
+        s.y.copy_(self._ys[i][self.rows])
+        if s.y_global is not None:
+            s.y_global.copy_(self._ys[i])
         if self._gen is not None:
             s.noise.normal_(generator=self._gen)
         self._run_step()
 
     def finish_train_epoch(self) -> dict[str, float]:
         s, steps = self.state, self._steps
-        loss = float(s.loss_sum) / steps  # synchronises once per epoch
-        acc = 100.0 * float(s.correct) / (steps * self.config.batch_size)
+        totals = torch.stack([s.loss_sum.double(), s.correct.double()])
+        if self.dist.is_distributed:
+            dist.all_reduce(totals)  # Σ over ranks (on the GPU with NCCL, the CPU with gloo)
+        loss_sum, correct = totals.tolist()  # synchronises once per epoch
+        loss = loss_sum / (steps * self.dist.world_size)
+        acc = 100.0 * correct / (steps * self.config.batch_size)
         seconds = time.perf_counter() - self._t_epoch
         self._xs = self._ys = None
         return {
@@ -414,6 +477,8 @@ class Trainer:
 
     def _truncate_logs(self, epoch: int) -> None:
         """Drop log lines written after the checkpoint we resume from."""
+        if not self.dist.is_writer:
+            return
         for name in ("metrics.jsonl", "spectra.jsonl"):
             path = self.out_dir / name
             if path.is_file():
@@ -421,6 +486,8 @@ class Trainer:
                 atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        if not self.dist.is_writer:
+            return
         with open(self.out_dir / name, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -436,14 +503,16 @@ class Trainer:
     def begin(self) -> None:
         """Write ``config.json``, create gradients and the optional spectra probe."""
         c = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out_dir / "config.json", c.to_dict())
+        if self.dist.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out_dir / "config.json", c.to_dict())
         self.prepare()
         self._probe = None
         if c.spectra_every:
-            from .spectra_probe import PerClassSpectra
+            from .spectra_probe import RESULTS_FILE, PerClassSpectra
 
-            self._probe = PerClassSpectra(self.train_set, self.device, c.spectra_samples_per_class, c.spectra_batch_size, max_iter=c.spectra_max_iter)
+            self._probe = PerClassSpectra(self.out_dir / RESULTS_FILE, self.device, c.data_root, c.spectra_samples_per_class,
+                                          c.spectra_batch_size, max_iter=c.spectra_max_iter)
         self._t_start = time.perf_counter()
         self._train_seconds, self._train_epochs = 0.0, 0
         self._stopped_early = False
@@ -460,36 +529,59 @@ class Trainer:
         record: dict[str, Any] = {"epoch": epoch, **stats}
         final = epoch == c.epochs
         over_time = c.time_limit_s is not None and time.perf_counter() - self._t_start > c.time_limit_s
-        if epoch % c.eval_every == 0 or final or over_time:
+        over_time = sd.any_rank(over_time)  # the ranks' clocks differ; all must stop after the same epoch
+        sd.average_buffers(self.model)  # one model on every rank (BN running statistics drift apart)
+        if self.dist.is_writer and (epoch % c.eval_every == 0 or final or over_time):
             test = self.evaluate()
             record.update(test)
             self.metrics = record
             if self.best is None or test["acc"] > self.best["acc"]:
                 self.best = {"epoch": epoch, "acc": test["acc"], "tail_acc": test["tail_acc"]}
             self._append_jsonl("metrics.jsonl", record)
-        if self._probe is not None and (epoch % c.spectra_every == 0 or epoch == 1):
-            self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe(self.model)})
-        ckpt = self._checkpoint(epoch)
-        if epoch == 1 or epoch % c.save_every == 0 or final or over_time:
-            atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
-        atomic_torch_save(self.out_dir / "last.pt", ckpt)
-        self._report(self._bar, record)
+        probe = self._probe is not None and (epoch % c.spectra_every == 0 or epoch == 1)
+        # An epoch the probe analyses keeps its checkpoint: the results entries name that file.
+        keep = epoch == 1 or epoch % c.save_every == 0 or final or over_time or probe
+        if self.dist.is_writer:
+            ckpt = self._checkpoint(epoch)
+            if keep:
+                atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
+            atomic_torch_save(self.out_dir / "last.pt", ckpt)
+        if probe:
+            records = self._probe(self._saved_checkpoint(epoch))
+            self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe.summary(records)})
+        if self.dist.is_writer:
+            self._report(self._bar, record)
         self.epoch += 1
         if over_time and not final:
             self._stopped_early = True
             self.log(f"[{c.method}] time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
         self.done = final or over_time
 
+    def _saved_checkpoint(self, epoch: int) -> Any:
+        """The in-memory model as the checkpoint file of ``epoch`` just written
+        (its SHA-256 comes from rank 0, which wrote it)."""
+        from ..checkpoints import LoadedCheckpoint, file_sha256
+
+        path = self.out_dir / checkpoint_name(epoch)
+        sha = sd.broadcast_from_writer(file_sha256(path) if self.dist.is_writer else None)
+        return LoadedCheckpoint(
+            model=self.model, path=path, sha256=sha, epoch=epoch, format="spectra", arch=self.config.arch,
+            arch_kwargs=dict(self.arch_kwargs), num_classes=self.num_classes,
+            class_names=list(self.train_set.class_names), class_counts=list(self.class_counts),
+            dataset=self.dataset_spec.to_dict(), method=self.config.method,
+        )
+
     def finish(self) -> FitResult:
-        """Write ``summary.json``."""
+        """Write ``summary.json`` (rank 0)."""
         if self._bar is not None:
             self._bar.close()
         summary = self._summary(self.epoch - 1, time.perf_counter() - self._t_start, self._train_seconds, self._train_epochs, self._stopped_early)
-        atomic_write_json(self.out_dir / "summary.json", summary)
+        if self.dist.is_writer:
+            atomic_write_json(self.out_dir / "summary.json", summary)
         return FitResult(self.out_dir, summary, self.model)
 
     def _progress_bar(self) -> Any:
-        if not self.config.progress:
+        if not self.config.progress or not self.dist.is_writer:
             return None
         from tqdm.auto import tqdm
 
@@ -524,6 +616,8 @@ class Trainer:
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
             "compile_mode": "off (graph capture failed)" if self._graph_failed else self.compile_mode,
             "amp": c.amp,
+            "world_size": self.dist.world_size,
+            "backend": self.dist.backend,
             "wall_time_s": wall,
             "seconds_per_epoch": per_epoch,
             "images_per_s": (self.batches.steps * c.batch_size / per_epoch) if per_epoch else None,
