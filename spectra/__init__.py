@@ -25,6 +25,30 @@ from .trace import TraceResult, trace
 
 __version__ = "0.1.0"
 
+# Loading, data sets and results: imported on first use (they pull in h5py etc.).
+_LAZY = {
+    "load_checkpoint": ("checkpoints", "load_checkpoint"),
+    "LoadedCheckpoint": ("checkpoints", "LoadedCheckpoint"),
+    "build_model": ("models", "build_model"),
+    "DatasetSpec": ("datasets", "DatasetSpec"),
+    "load_dataset": ("datasets", "load_dataset"),
+    "run_sweep": ("analysis", "run_sweep"),
+    "store": ("store", None),
+    "plots": ("plots", None),
+    "train": ("train", None),
+    "distributed": ("distributed", None),
+}
+
+
+def __getattr__(name: str):  # PEP 562: lazy public names
+    if name not in _LAZY:
+        raise AttributeError(f"module 'spectra' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return module if attr is None else getattr(module, attr)
+
 __all__ = [
     "HessianOperator",
     "eigenvalues",
@@ -35,5 +59,15 @@ __all__ = [
     "TraceResult",
     "class_subset",
     "as_batches",
+    "load_checkpoint",
+    "LoadedCheckpoint",
+    "build_model",
+    "DatasetSpec",
+    "load_dataset",
+    "run_sweep",
+    "store",
+    "plots",
+    "train",
+    "distributed",
     "__version__",
 ]
