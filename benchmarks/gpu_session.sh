@@ -23,6 +23,12 @@ echo "== spectra eigenvalues/density benchmark"
 timeout ${EIG_TIMEOUT:-200} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
   --compare-class 3 --all-classes $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
+if [ "${EIG_COMPILE:-0}" = 1 ]; then
+  echo "== spectra with torch.compile (padded static batches)"
+  timeout ${EIG_TIMEOUT:-200} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+    --compare-class 3 --all-classes --skip-others --compile $EIG_ARGS --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
+    | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
+fi
 echo "== training speed"
 timeout ${SPEED_TIMEOUT:-75} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
