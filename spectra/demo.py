@@ -122,6 +122,12 @@ class DemoConfig:
                    sweep_epochs=(1, 3), classes=(0, 5, 9), samples_per_class=8, tol=5e-2, max_iter=20,
                    density_probes=1, density_steps=10)
 
+    def replace(self, **changes: Any) -> "DemoConfig":
+        """A copy with ``changes`` (validated)."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
     def validate(self) -> None:
         if not 1 <= self.drw_epoch < self.epochs:
             raise DemoError(f"drw_epoch must be in [1, epochs); got {self.drw_epoch} with {self.epochs} epochs")
@@ -163,7 +169,10 @@ def sample_path() -> Path:
 def load_sample(path: str | Path | None = None) -> dict[str, np.ndarray]:
     """The sample's arrays: ``x_train``/``x_test`` uint8 NHWC, ``y_*`` labels,
     ``*_indices`` (indices into the official CIFAR-10 splits), ``class_names``."""
-    with np.load(path or sample_path()) as f:
+    path = Path(path) if path is not None else sample_path()
+    if not path.is_file():
+        raise DemoError(f"data sample not found: {path}")
+    with np.load(path) as f:
         return {k: f[k] for k in f.files}
 
 
@@ -377,10 +386,3 @@ def _run(out: str | Path, config: DemoConfig, progress: bool, log: Callable[[str
     log(f"done in {timings['total']:.0f} s: {results}, {ratio_png}, {density_png}")
     return DemoResult(out=out, results=results, ratio_png=ratio_png, density_png=density_png,
                       runs={m: runs_dir / m for m in METHODS}, summaries=summaries, timings=timings)
-
-
-def replace(config: DemoConfig, **changes: Any) -> DemoConfig:
-    """A copy of ``config`` with ``changes`` (``dataclasses.replace``, validated)."""
-    new = dataclasses.replace(config, **changes)
-    new.validate()
-    return new
