@@ -9,7 +9,7 @@ training images, 500 test images, exact original pixels; see
    ``OUT/data`` (so the checkpoints describe their data and every ``spectra``
    command works on them with ``--data-root OUT/data``);
 2. trains a ResNet-8 (``spectra.demo:resnet8``) with CE + DRW and with
-   CE + DRW + SAM (:func:`spectra.train.fit`), DRW switching on part-way;
+   CE + DRW + SAM (:func:`spectra.train.fit`), DRW switching on half-way;
 3. sweeps the chosen checkpoints × classes into ``OUT/results.h5``
    (:func:`spectra.analysis.run_sweep`): λmax and λmin of the per-class Hessian
    ``H_c = ∇²_θ (1/N_c) Σ_{i: y_i=c} CE(f_θ(x_i), y_i)`` (model in eval mode, the
@@ -77,7 +77,10 @@ class DemoConfig:
     Training: ``epochs`` of SGD (momentum 0.9, batch ``batch_size``, base lr
     ``lr`` with ``warmup_epochs`` of linear warm-up, ×0.1 after
     ``lr_decay_epoch``); DRW's class weights switch on after ``drw_epoch``
-    completed epochs; SAM uses ``rho``. ``train_images`` caps the training set
+    completed epochs; SAM uses ``rho`` (0.1: with the paper's CIFAR-10 value 0.5
+    this small network, trained for 12 epochs, fell to 23 % test accuracy;
+    with 0.1 SAM beats CE+DRW, 37.6 % vs 33.0 %, tail 43.6 % vs 28.6 %).
+    ``train_images`` caps the training set
     (stratified, every class kept; None = all 1,017).
 
     Analysis: ``sweep_epochs`` are the checkpoints analysed (every class in
@@ -100,7 +103,7 @@ class DemoConfig:
     warmup_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.1
-    rho: float = 0.5
+    rho: float = 0.1
     train_images: int | None = None
     test_images: int | None = None
     sweep_epochs: tuple[int, ...] = (2, 4, 6, 8, 10, 12)
@@ -297,14 +300,14 @@ def _class_table(results: Path) -> tuple[dict[int, str], dict[int, int]]:
 
 
 def _plot(results: Path, out: Path, config: DemoConfig, density_class: int, last_epoch: int,
-          ) -> tuple[Path, Path]:
+          train_images: int) -> tuple[Path, Path]:
     from . import store
     from .plots import plot_density, plot_ratio, save_figure
 
     names, sizes = _class_table(results)
     tables = {run: store.eigen_table(results, run=run) for run in METHODS}
     fig = plot_ratio(tables, names, sizes, title=(
-        f"Per-class Hessian |λmin/λmax| — demo: ResNet-8, {sum(sizes.values())} long-tailed CIFAR-10 images, "
+        f"Per-class Hessian |λmin/λmax| — demo: ResNet-8, {train_images} long-tailed CIFAR-10 images, "
         f"{config.epochs} CPU epochs"))
     for ax in fig.axes:
         if ax.get_title() in METHODS:  # mark where DRW's re-weighting starts
@@ -380,7 +383,8 @@ def _run(out: str | Path, config: DemoConfig, progress: bool, log: Callable[[str
 
     log("[4/4] plots")
     t = time.perf_counter()
-    ratio_png, density_png = _plot(results, out, config, density_class, last)
+    train_images = int(next(iter(summaries.values()))["train_images"])
+    ratio_png, density_png = _plot(results, out, config, density_class, last, train_images)
     timings["plots"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     log(f"done in {timings['total']:.0f} s: {results}, {ratio_png}, {density_png}")

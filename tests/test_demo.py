@@ -114,9 +114,10 @@ def test_demo_writes_every_checkpoint_class_entry(quick_demo: Path) -> None:
     found = {(a["run"], int(a["epoch"]), int(a["class_index"])) for a, _ in eigs}
     wanted = {(m, e, c) for m in METHODS for e in config.sweep_epochs for c in config.classes}
     assert found == wanted and len(eigs) == len(wanted)
-    # the quick run trains on 200 of the sample's images, stratified: the first of each class
+    # the quick run trains on 200 of the images; the Hessians draw on the whole
+    # training split the checkpoint records (the sample), per-class capped
     counts = json.loads(eigs[0][0]["class_counts"])
-    assert len(counts) == 10 and sum(counts) <= 200 and counts[0] > counts[9] >= 1
+    assert counts == SAMPLE_COUNTS
     for a, d in eigs:
         assert a["complete"] and a["method"] == a["run"]
         assert a["model"] == DEMO_ARCH and json.loads(a["model_kwargs"]) == {"num_classes": 10}
