@@ -95,7 +95,7 @@ def main() -> None:
     ax = fig.subplots()
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [r[2] for r in rows], 0.4, label="λmax", color="darkorange")
-    ax.bar(x + 0.2, [abs(r[3]) for r in rows], 0.4, label="|λmin| (λmin < 0)", color="crimson")
+    ax.bar(x + 0.2, [abs(r[3]) for r in rows], 0.4, label="|λmin|", color="crimson")
     ax.set_yscale("log")
     ax.set_xticks(x, [r[0] for r in rows], rotation=20)
     ax.set_ylabel("eigenvalue magnitude")
