@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spectra  # noqa: E402
 from spectra.datasets import DatasetSpec, load_dataset, normalize  # noqa: E402
-from spectra.models import CifarResNet, build_model  # noqa: E402
+from spectra.models import build_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "lossless_subset.npz"
 
@@ -84,10 +84,7 @@ def load_classes(args: argparse.Namespace) -> tuple[dict[int, tuple[torch.Tensor
 
 def build(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
-    if args.arch == "resnet8":
-        model = CifarResNet((1, 1, 1), num_classes=10)
-    else:
-        model = build_model(args.arch, num_classes=10)
+    model = build_model(args.arch, num_classes=10)
     if args.checkpoint:
         from spectra.checkpoints import load_checkpoint  # noqa: PLC0415
         model = load_checkpoint(args.checkpoint).model
@@ -231,7 +228,7 @@ def all_classes(model, classes, args, device) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--arch", default="resnet8", help="resnet8 (small, CPU) or a spectra built-in such as resnet32")
+    p.add_argument("--arch", default="resnet8", help="a spectra built-in: resnet8 (small, CPU), resnet32, ...")
     p.add_argument("--checkpoint", help="load weights from a checkpoint instead of a random init")
     p.add_argument("--dataset", default="cifar10-lt")
     p.add_argument("--data-root", help="CIFAR root in the standard python format")

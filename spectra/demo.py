@@ -8,7 +8,7 @@ training images, 500 test images, exact original pixels; see
 1. writes the sample as standard ``cifar-10-batches-py`` pickles into
    ``OUT/data`` (so the checkpoints describe their data and every ``spectra``
    command works on them with ``--data-root OUT/data``);
-2. trains a ResNet-8 (``spectra.demo:resnet8``) with CE + DRW and with
+2. trains a ResNet-8 (``resnet8`` of ``spectra.models``) with CE + DRW and with
    CE + DRW + SAM (:func:`spectra.train.fit`), DRW switching on half-way;
 3. sweeps the chosen checkpoints × classes into ``OUT/results.h5``
    (:func:`spectra.analysis.run_sweep`): λmax and λmin of the per-class Hessian
@@ -41,7 +41,6 @@ __all__ = [
     "DemoConfig",
     "DemoResult",
     "DemoError",
-    "resnet8",
     "sample_path",
     "load_sample",
     "write_cifar_batches",
@@ -50,7 +49,7 @@ __all__ = [
 
 SAMPLE_FILE = "cifar10_lt_sample.npz"
 # Import spec of the demo network (the built-in registry starts at ResNet-20).
-DEMO_ARCH = "spectra.demo:resnet8"
+DEMO_ARCH = "resnet8"  # spectra.models registry
 # The two methods compared, as run-folder names (= training presets).
 METHODS = ("ce-drw", "ce-drw-sam")
 _BATCHES_FOLDER = "cifar-10-batches-py"
@@ -58,15 +57,6 @@ _BATCHES_FOLDER = "cifar-10-batches-py"
 
 class DemoError(RuntimeError):
     """The demo cannot run (sample missing, output folder unusable); one line."""
-
-
-def resnet8(num_classes: int = 10, cosine_head: bool = False) -> Any:
-    """ResNet-8 for CIFAR: one basic block per stage (16/32/64 channels),
-    75,290 parameters with 10 classes — the smallest of the family, so a CPU
-    trains it and computes its Hessian spectra in minutes."""
-    from .models import CifarResNet
-
-    return CifarResNet((1, 1, 1), num_classes=num_classes, cosine_head=cosine_head)
 
 
 # ------------------------------------------------------------------ settings

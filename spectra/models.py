@@ -153,6 +153,7 @@ def _cifar_resnet(n: int) -> Callable[..., CifarResNet]:
     return make
 
 
+resnet8 = _cifar_resnet(1)  # the smallest: CPU demos and benchmarks
 resnet20 = _cifar_resnet(3)
 resnet32 = _cifar_resnet(5)
 resnet44 = _cifar_resnet(7)
@@ -160,6 +161,7 @@ resnet56 = _cifar_resnet(9)
 resnet110 = _cifar_resnet(18)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet8,
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet44": resnet44,

@@ -15,7 +15,7 @@ def test_resnet32_structure_and_size():
     assert [m.out_channels for m in (model.layer1[0].conv1, model.layer2[0].conv1, model.layer3[0].conv1)] == [16, 32, 64]
 
 
-@pytest.mark.parametrize("name,depth", [("resnet20", 20), ("resnet32", 32), ("resnet44", 44), ("resnet56", 56), ("resnet110", 110)])
+@pytest.mark.parametrize("name,depth", [("resnet8", 8), ("resnet20", 20), ("resnet32", 32), ("resnet44", 44), ("resnet56", 56), ("resnet110", 110)])
 def test_depths(name, depth):
     model = MODELS[name]()
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
