@@ -57,6 +57,17 @@ def test_one_epoch_of_every_preset_writes_a_loadable_checkpoint(method, cifar10_
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["tail_classes"] == [7, 8, 9] and summary["epochs_completed"] == 1
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    # `spectra eigs` accepts the checkpoint with no flags (it records arch and data)
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    out = CliRunner().invoke(main, ["eigs", str(tmp_path / method / "ckpt_epoch0001.pt"), "--class", "9",
+                                    "--max-samples", "1", "--tol", "1e-2", "--max-iter", "4", "--device", "cpu",
+                                    "--json"])
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout)[0]
+    assert record["epoch"] == 1 and record["class_index"] == 9 and record["method"] == method
 
 
 @pytest.mark.parametrize("method", ["ce-drw-sam", "ce-drw-pgd"])
