@@ -55,7 +55,7 @@ def test_build_model_names_and_import_specs():
     assert isinstance(build_model("resnet32", num_classes=7), CifarResNet)
     lin = build_model("torch.nn:Linear", in_features=3, out_features=2)
     assert isinstance(lin, nn.Linear) and lin.out_features == 2
-    with pytest.raises(ValueError, match=r"unknown architecture 'x'; built-ins: resnet20, resnet32"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'x'; built-ins: resnet8, resnet20, resnet32"):
         build_model("x")
     with pytest.raises(ValueError, match="cannot import"):
         build_model("no_such_module_xyz:Net")
