@@ -32,10 +32,8 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
     if not chosen:
         raise click.ClickException(f"{results} holds no eigenvalue entries")
     tables = {run: store.eigen_table(results, run=run) for run in chosen}
-    records = store.read_results(results, kind="eigs")
-    names = {r.class_index: str(r.provenance.get("class_name", r.class_index)) for r in records}
-    sizes = {r.class_index: int(r.provenance.get("num_samples", 0)) for r in records}
-    plot_ratio(tables, names, sizes, out=output, log_scale=log_scale, title=title)
+    plot_ratio(tables, store.class_names(results), store.class_sizes(results), out=output,
+               log_scale=log_scale, title=title)
     click.echo(f"wrote {output}")
 
 

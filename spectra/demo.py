@@ -273,28 +273,12 @@ def _sweep(checkpoints: Sequence[Path], out: Path, classes: Any, kind: str, conf
         raise DemoError(f"{len(summary.failed)} analysis job(s) failed; first: {summary.failed[0]}")
 
 
-def _class_table(results: Path) -> tuple[dict[int, str], dict[int, int]]:
-    """Class names and training-set sizes (before the per-class sample cap)."""
-    import json
-
-    from . import store
-
-    names: dict[int, str] = {}
-    sizes: dict[int, int] = {}
-    for r in store.read_results(results, kind="eigs"):
-        names[r.class_index] = str(r.provenance["class_name"])
-        counts = r.provenance["class_counts"]
-        counts = json.loads(counts) if isinstance(counts, str) else counts
-        sizes[r.class_index] = int(counts[r.class_index])
-    return names, sizes
-
-
 def _plot(results: Path, out: Path, config: DemoConfig, density_class: int, last_epoch: int,
           train_images: int) -> tuple[Path, Path]:
     from . import store
     from .plots import plot_density, plot_ratio, save_figure
 
-    names, sizes = _class_table(results)
+    names, sizes = store.class_names(results), store.class_sizes(results)
     tables = {run: store.eigen_table(results, run=run) for run in METHODS}
     fig = plot_ratio(tables, names, sizes, title=(
         f"Per-class Hessian |λmin/λmax| — demo: ResNet-8, {train_images} long-tailed CIFAR-10 images, "

@@ -13,7 +13,7 @@ explicit products ``H y``, not taken from the recurrence.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import fnmatch
 import types
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn

@@ -442,6 +442,21 @@ def class_names(path: str | os.PathLike[str]) -> dict[int, str]:
     return {r.class_index: str(r.provenance.get("class_name", r.class_index)) for r in read_results(path)}
 
 
+def class_sizes(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Class index → number of training samples of the class in its data set
+    (the recorded ``class_counts``; the analysed ``num_samples`` where the entry
+    has no counts, e.g. a user data-set factory)."""
+    sizes: dict[int, int] = {}
+    for r in read_results(path):
+        counts = r.provenance.get("class_counts")
+        counts = json.loads(counts) if isinstance(counts, str) else counts
+        if counts is not None and len(counts) > r.class_index:
+            sizes[r.class_index] = int(counts[r.class_index])
+        else:
+            sizes.setdefault(r.class_index, int(r.provenance.get("num_samples", 0)))
+    return sizes
+
+
 def _select_run(records: list[ResultRecord], run: str | None, path: str | os.PathLike[str]) -> list[ResultRecord]:
     names = sorted({r.run for r in records})
     if run is None:

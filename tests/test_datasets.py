@@ -1,5 +1,4 @@
 """Long-tailed CIFAR construction, the CIFAR pickle reader, data set specs."""
-import os
 import sys
 import urllib.error
 from pathlib import Path
