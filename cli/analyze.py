@@ -81,15 +81,21 @@ def _report(records: list[ResultRecord], headers: list[str], row: Any, opts: dic
         click.echo(f"stored {len(records)} entr{'y' if len(records) == 1 else 'ies'} in {opts['out']}")
 
 
-@click.command("eigs")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--class", "classes", required=True, help=_CLASS_HELP)
-@eigs_options
-@checkpoint_options
-@data_options
-@compute_options
-@output_options
-@handle_errors
+def _per_class_command(name: str, *own_options: Any) -> Any:
+    """The decorators every single-checkpoint analysis shares, around its own options."""
+    stack = [click.command(name), click.argument("checkpoint", type=click.Path(dir_okay=False)),
+             click.option("--class", "classes", required=True, help=_CLASS_HELP), *own_options,
+             checkpoint_options, data_options, compute_options, output_options, handle_errors]
+
+    def decorate(fn: Any) -> Any:
+        for decorator in reversed(stack):
+            fn = decorator(fn)
+        return fn
+
+    return decorate
+
+
+@_per_class_command("eigs", eigs_options)
 def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
     """Extreme eigenvalues (λmax, λmin) of per-class Hessians, with residuals."""
     records = _analyse("eigs", checkpoint, classes, opts)
@@ -114,17 +120,9 @@ def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
                        f"bottom {', '.join(fmt(float(v)) for v in r.arrays['bottom'])}")
 
 
-@click.command("density")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--class", "classes", required=True, help=_CLASS_HELP)
-@density_options
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG of the density (one file per class, suffixed -class<C>, when several).")
-@checkpoint_options
-@data_options
-@compute_options
-@output_options
-@handle_errors
+@_per_class_command("density", density_options, click.option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+    help="Write a PNG of the density (one file per class, suffixed -class<C>, when several)."))
 def density(checkpoint: str, classes: str, plot_path: str | None, **opts: Any) -> None:
     """Spectral density of per-class Hessians by stochastic Lanczos quadrature."""
     records = _analyse("density", checkpoint, classes, opts)
@@ -149,15 +147,7 @@ def density(checkpoint: str, classes: str, plot_path: str | None, **opts: Any) -
     _report(records, ["class", "n", "loss", "min node", "max node", "mass < 0", "sigma", "HVPs", "time"], row, opts)
 
 
-@click.command("trace")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--class", "classes", required=True, help=_CLASS_HELP)
-@trace_options
-@checkpoint_options
-@data_options
-@compute_options
-@output_options
-@handle_errors
+@_per_class_command("trace", trace_options)
 def trace(checkpoint: str, classes: str, **opts: Any) -> None:
     """Trace of per-class Hessians (Hutch++ or Hutchinson) with its standard error."""
     records = _analyse("trace", checkpoint, classes, opts)
