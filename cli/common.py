@@ -164,7 +164,7 @@ compute_options = _compose(
                  help="Restrict the Hessian to parameters matching this name or fnmatch pattern "
                       "(repeatable), e.g. 'layer3.*' or 'linear.weight'."),
     click.option("--loss", type=click.Choice(sorted(LOSSES)), default="ce", show_default=True,
-                 help="Loss whose Hessian is analysed (ce = mean cross-entropy)."),
+                 help="Loss whose Hessian is analysed: ce = mean cross-entropy; ldam, vs = the training losses (margins / logit scaling from the class counts; class weights cancel within a class)."),
     click.option("--hvp", "hvp_method", type=click.Choice(["forward-over-reverse", "double-backward"]),
                  default="forward-over-reverse", show_default=True, help="How Hessian-vector products are formed."),
 )

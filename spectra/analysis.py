@@ -76,8 +76,33 @@ __all__ = [
 KINDS = ("eigs", "density", "trace")
 # Losses whose Hessian can be analysed; each returns the batch MEAN, as the
 # operator requires. Class weights (DRW) cancel within one class, so plain CE
-# is the loss of every CE-based method restricted to a class.
-LOSSES: dict[str, Callable[[], nn.Module]] = {"ce": nn.CrossEntropyLoss}
+# is the loss of every CE-based method restricted to a class; LDAM's margins
+# and scale and VS's logit scaling do not cancel, hence "ldam" and "vs".
+LOSSES: dict[str, str] = {
+    "ce": "plain cross-entropy",
+    "ldam": "LDAM: CE(s·(z − m_y e_y), y), margins from the class counts",
+    "vs": "vector scaling: CE(Δ⊙z + ι, y) from the class counts",
+}
+
+
+def hessian_loss(name: str, class_counts: Sequence[int] | None, checkpoint: LoadedCheckpoint) -> nn.Module:
+    """The loss whose per-class Hessian is analysed (batch mean, no class weights).
+
+    ``ldam``/``vs`` take their margins/scales from the training set's class
+    counts and their parameters from the checkpoint's training config when it
+    records one (else the reference defaults: max margin 0.5, s = 30; γ = 0.3, τ = 1).
+    """
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+    if not class_counts:
+        raise AnalysisError(f"--loss {name} needs the class counts of the training set, "
+                            "which this checkpoint and data set do not record")
+    from .train.losses import build_loss
+
+    config = checkpoint.extra.get("config") or {}
+    keys = {"ldam": {"max_margin": "ldam_max_margin", "scale": "ldam_scale"},
+            "vs": {"gamma": "vs_gamma", "tau": "vs_tau"}}[name]
+    return build_loss(name, class_counts, **{k: float(config[c]) for k, c in keys.items() if c in config})
 # How a sweep uses several ranks: every rank on every job with a block of its
 # samples ("samples"), or whole jobs dealt to ranks ("jobs").
 SPREADS = ("samples", "jobs")
@@ -459,7 +484,8 @@ def analyse_class(
     use_device_cache = _fits_on_device(data.inputs, device)
     try:
         H = spectra.HessianOperator(
-            checkpoint.model, LOSSES[settings.loss](), spectra.as_batches(data.inputs, data.targets, batch_size),
+            checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint),
+            spectra.as_batches(data.inputs, data.targets, batch_size),
             params=list(settings.params) if settings.params else None, dtype=dtype, device=device,
             method=settings.hvp_method, eval_mode=True, cache_data=use_device_cache, distributed=distributed,
         )

@@ -164,6 +164,8 @@ class HessianOperator:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
         self.method, self.eval_mode = method, eval_mode
+        if isinstance(loss_fn, nn.Module):  # its buffers (class weights, margins) follow the compute dtype/device
+            loss_fn = copy.deepcopy(loss_fn).to(device=self.device, dtype=self.dtype)
         self.loss_fn, self.max_block, self.allow_tf32 = loss_fn, max_block, allow_tf32
         if compile and method != "forward-over-reverse":
             raise ValueError("compile=True needs method='forward-over-reverse'")

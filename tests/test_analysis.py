@@ -302,3 +302,32 @@ def test_data_cache_identity_ignores_root(env):
     assert a == b and a["name"] == "cifar10" and "root" not in a
     c = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
     assert c != a
+
+
+def test_ldam_loss_hessian_matches_dense(env, dense):
+    """--loss ldam: CE(s·(z − m_y e_y), y) with margins from the class counts (all equal here: m = 0.5, s = 30)."""
+    ck = load_checkpoint(env["run"][-1])
+    data = load_dataset(DatasetSpec("cifar10", root=str(env["root"])))
+    mask = data.labels == 3
+    x, y = normalize(data.images[mask]).double(), data.labels[mask]
+    model = ck.model.double().eval()
+    shapes = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    buffers = dict(model.named_buffers())
+
+    def ldam(theta):
+        params, i = {}, 0
+        for n, shape, numel in shapes:
+            params[n] = theta[i:i + numel].view(shape)
+            i += numel
+        z = torch.func.functional_call(model, {**buffers, **params}, (x,))
+        return torch.nn.functional.cross_entropy(30.0 * (z - 0.5 * torch.nn.functional.one_hot(y, 10)), y)
+
+    evals = torch.linalg.eigvalsh(torch.func.hessian(ldam)(flat))
+    settings = AnalysisSettings(kind="eigs", tol=1e-8, dtype="float64", max_iter=200, loss="ldam")
+    (rec,) = analyse_checkpoint(env["run"][-1], "3", settings, DataOptions(root=str(env["root"]), device="cpu"))
+    scale = float(evals.abs().max())
+    assert abs(rec.arrays["top"][0] - float(evals[-1])) <= 1e-7 * scale
+    assert abs(rec.arrays["bottom"][0] - float(evals[0])) <= 1e-7 * scale
+    assert rec.provenance["loss_fn"] == "ldam"
+    assert abs(rec.arrays["top"][0] - float(dense["evals"][-1])) > 1e-3 * scale  # not the CE Hessian

@@ -72,8 +72,9 @@ class WeightedCrossEntropy(nn.Module):
         return logits
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        z = self.adjust_logits(logits.float(), target)
-        return F.cross_entropy(z, target, weight=self.weight)
+        # half-precision logits are lifted to float32; float64 (Hessian analyses) stays float64
+        z = self.adjust_logits(logits.to(torch.promote_types(logits.dtype, torch.float32)), target)
+        return F.cross_entropy(z, target, weight=self.weight.to(z.dtype))
 
 
 class LDAMLoss(WeightedCrossEntropy):
