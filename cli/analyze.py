@@ -24,6 +24,7 @@ from spectra.store import ResultRecord
 
 from .common import (
     checkpoint_options,
+    compose,
     compute_options,
     data_options,
     data_options_from,
@@ -83,16 +84,9 @@ def _report(records: list[ResultRecord], headers: list[str], row: Any, opts: dic
 
 def _per_class_command(name: str, *own_options: Any) -> Any:
     """The decorators every single-checkpoint analysis shares, around its own options."""
-    stack = [click.command(name), click.argument("checkpoint", type=click.Path(dir_okay=False)),
-             click.option("--class", "classes", required=True, help=_CLASS_HELP), *own_options,
-             checkpoint_options, data_options, compute_options, output_options, handle_errors]
-
-    def decorate(fn: Any) -> Any:
-        for decorator in reversed(stack):
-            fn = decorator(fn)
-        return fn
-
-    return decorate
+    return compose(click.command(name), click.argument("checkpoint", type=click.Path(dir_okay=False)),
+                   click.option("--class", "classes", required=True, help=_CLASS_HELP), *own_options,
+                   checkpoint_options, data_options, compute_options, output_options, handle_errors)
 
 
 @_per_class_command("eigs", eigs_options)

@@ -40,6 +40,7 @@ __all__ = [
     "emit_json",
     "format_table",
     "fmt",
+    "compose",
 ]
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -108,7 +109,7 @@ def distributed_session(opts: dict[str, Any]) -> Iterator[sd.DistContext]:
         yield ctx
 
 
-def _compose(*decorators: Decorator) -> Decorator:
+def compose(*decorators: Decorator) -> Decorator:
     def apply(func: Callable[..., Any]) -> Callable[..., Any]:
         for decorator in reversed(decorators):
             func = decorator(func)
@@ -129,7 +130,7 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parsed
 
 
-checkpoint_options = _compose(
+checkpoint_options = compose(
     click.option("--arch", default=None, metavar="NAME",
                  help="Architecture for plain state_dicts: a built-in (resnet32, ...) or package.module:Class."),
     click.option("--arch-kwargs", default=None, metavar="JSON", callback=_json_object,
@@ -139,7 +140,7 @@ checkpoint_options = _compose(
                       "only for checkpoints from a source you trust."),
 )
 
-data_options = _compose(
+data_options = compose(
     click.option("--dataset", default=None, metavar="NAME|pkg.mod:func",
                  help="cifar10, cifar100, cifar10-lt, cifar100-lt, or a factory returning a Dataset or "
                       "(inputs, targets). Default: the data set the checkpoint records."),
@@ -157,7 +158,7 @@ data_options = _compose(
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto."),
 )
 
-compute_options = _compose(
+compute_options = compose(
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random start/probe vectors."),
     click.option("--params", "param_patterns", multiple=True, metavar="PATTERN",
@@ -169,7 +170,7 @@ compute_options = _compose(
                  default="forward-over-reverse", show_default=True, help="How Hessian-vector products are formed."),
 )
 
-eigs_options = _compose(
+eigs_options = compose(
     click.option("--top-k", type=click.IntRange(min=0), default=1, show_default=True, help="Largest eigenvalues."),
     click.option("--bottom-k", type=click.IntRange(min=0), default=1, show_default=True, help="Smallest eigenvalues."),
     click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
@@ -178,21 +179,21 @@ eigs_options = _compose(
                  help="Most Hessian-vector products."),
 )
 
-density_options = _compose(
+density_options = compose(
     click.option("--probes", type=click.IntRange(min=1), default=4, show_default=True, help="SLQ probe vectors."),
     click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True, help="Lanczos steps per probe."),
     click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Gaussian kernel width (default: sqrt(1e-5·max(1, spread)))."),
 )
 
-trace_options = _compose(
+trace_options = compose(
     click.option("--trace-probes", type=click.IntRange(min=1), default=30, show_default=True,
                  help="Hessian-vector products spent on the trace."),
     click.option("--trace-method", type=click.Choice(["hutch++", "hutchinson"]), default="hutch++",
                  show_default=True),
 )
 
-output_options = _compose(
+output_options = compose(
     click.option("--out", "out", default=None, type=click.Path(dir_okay=False), metavar="RESULTS.h5",
                  help="Also store the results in this HDF5 file."),
     click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result (only that) on stdout."),

@@ -133,6 +133,10 @@ def distributed_session(backend: Optional[str] = None, device: Union[None, str, 
     ctx = init_from_env(backend, device, timeout_s)
     try:
         yield ctx
+        # every rank reaches the teardown before any destroys the group: a gloo rank
+        # that exits while a peer is still communicating aborts ("terminate called ...")
+        if ctx.owns_group and _group_ready() and dist.get_world_size() > 1:
+            dist.barrier()
     finally:
         if ctx.owns_group and _group_ready():
             dist.destroy_process_group()
