@@ -152,10 +152,9 @@ def test_class_resolution_by_index_name_list_and_all():
         resolve_classes("zebra", names)
 
 
-@pytest.fixture(scope="module")
-def dense(env):
-    """The dense Hessian of class 3's mean CE at the last checkpoint, computed
-    independently of the operator (torch.func.hessian over the flat parameters)."""
+def _class3_flat_loss(env, logits_loss):
+    """θ -> ``logits_loss(model_θ(x), y)`` over class 3 at the last checkpoint, with θ0 and
+    the class mask: the independent reference of the dense tests (no operator involved)."""
     ck = load_checkpoint(env["run"][-1])
     data = load_dataset(DatasetSpec("cifar10", root=str(env["root"])))
     mask = data.labels == 3
@@ -170,9 +169,16 @@ def dense(env):
         for n, shape, numel in shapes:
             params[n] = theta[i:i + numel].view(shape)
             i += numel
-        out = torch.func.functional_call(model, {**buffers, **params}, (x,))
-        return torch.nn.functional.cross_entropy(out, y)
+        return logits_loss(torch.func.functional_call(model, {**buffers, **params}, (x,)), y)
 
+    return loss, flat, mask, data
+
+
+@pytest.fixture(scope="module")
+def dense(env):
+    """The dense Hessian of class 3's mean CE at the last checkpoint, computed
+    independently of the operator (torch.func.hessian over the flat parameters)."""
+    loss, flat, mask, data = _class3_flat_loss(env, torch.nn.functional.cross_entropy)
     matrix = torch.func.hessian(loss)(flat)
     ids = data.indices[mask].numpy().astype("<i8")
     return {"matrix": matrix, "evals": torch.linalg.eigvalsh(matrix), "loss": float(loss(flat)),
@@ -306,24 +312,11 @@ def test_data_cache_identity_ignores_root(env):
 
 def test_ldam_loss_hessian_matches_dense(env, dense):
     """--loss ldam: CE(s·(z − m_y e_y), y) with margins from the class counts (all equal here: m = 0.5, s = 30)."""
-    ck = load_checkpoint(env["run"][-1])
-    data = load_dataset(DatasetSpec("cifar10", root=str(env["root"])))
-    mask = data.labels == 3
-    x, y = normalize(data.images[mask]).double(), data.labels[mask]
-    model = ck.model.double().eval()
-    shapes = [(n, p.shape, p.numel()) for n, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    buffers = dict(model.named_buffers())
-
-    def ldam(theta):
-        params, i = {}, 0
-        for n, shape, numel in shapes:
-            params[n] = theta[i:i + numel].view(shape)
-            i += numel
-        z = torch.func.functional_call(model, {**buffers, **params}, (x,))
+    def ldam(z, y):
         return torch.nn.functional.cross_entropy(30.0 * (z - 0.5 * torch.nn.functional.one_hot(y, 10)), y)
 
-    evals = torch.linalg.eigvalsh(torch.func.hessian(ldam)(flat))
+    loss, flat, _, _ = _class3_flat_loss(env, ldam)
+    evals = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))
     settings = AnalysisSettings(kind="eigs", tol=1e-8, dtype="float64", max_iter=200, loss="ldam")
     (rec,) = analyse_checkpoint(env["run"][-1], "3", settings, DataOptions(root=str(env["root"]), device="cpu"))
     scale = float(evals.abs().max())
