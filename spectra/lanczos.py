@@ -111,21 +111,22 @@ def lanczos_tridiagonal(matvec: MatVec, start: Tensor, num_steps: int,
     for j in range(num_steps):
         basis[active, j] = q[:, active].T
         w = matvec(q[:, active]).to(device)
+        still = []
         for col, p in enumerate(active):
             w_p = w[:, col:col + 1]
             coef = orthogonalize(w_p, basis[p, :j + 1].T)
             alpha[p, j] = float(coef[j])
             steps[p] = j + 1
-            if j + 1 < num_steps:
-                b = float(w_p.norm())
-                beta[p, j] = b
-                if b <= 1e-12 * max(abs(alpha[p, :j + 1]).max(), 1e-300):
-                    continue  # invariant subspace: this run is exact and stops here
+            if j + 1 == num_steps:
+                continue
+            beta[p, j] = b = float(w_p.norm())
+            if b > 1e-12 * max(abs(alpha[p, :j + 1]).max(), 1e-300):
                 q[:, p] = (w_p / b).flatten()
+                still.append(p)
+            # else: invariant subspace, this run is exact and stops here
         if progress is not None:
             progress(j + 1)
-        active = [p for p in active if steps[p] == j + 1 and j + 1 < num_steps
-                  and beta[p, j] > 1e-12 * max(abs(alpha[p, :j + 1]).max(), 1e-300)]
+        active = still
         if not active:
             break
     return Tridiagonal(alpha, beta, steps)
