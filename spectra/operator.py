@@ -12,6 +12,7 @@ import contextlib
 import copy
 import fnmatch
 import types
+import warnings
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .data import Batch, DataLike, iter_batches, rebatch
+from .graphed_product import GraphedProduct, padded_rows
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ParamSpec = Union[None, str, Sequence[Union[str, nn.Parameter]]]
@@ -56,15 +58,17 @@ def select_parameters(model: nn.Module, params: ParamSpec) -> list[str]:
 
 
 @contextlib.contextmanager
-def _tf32(allowed: bool) -> Iterator[None]:
-    """Set TF32 for matmuls and cuDNN convolutions, restoring the old setting."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
+def _backend_flags(tf32: bool, cudnn_benchmark: Optional[bool] = None) -> Iterator[None]:
+    """Set TF32 (matmuls, cuDNN convolutions) and optionally cuDNN autotuning, restoring the old settings."""
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    old = (cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark)
+    cuda.allow_tf32 = cudnn.allow_tf32 = tf32
+    if cudnn_benchmark is not None:
+        cudnn.benchmark = cudnn_benchmark
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        cuda.allow_tf32, cudnn.allow_tf32, cudnn.benchmark = old
 
 
 @contextlib.contextmanager
@@ -141,6 +145,12 @@ class HessianOperator:
             first products pay the compilation). Give ``batch_size`` too: batches
             are then padded to that one static shape (exactly, see
             ``_product_batches``), so a single compilation serves all data.
+        graphs: replay the product as CUDA graphs (:mod:`spectra.graphed_product`):
+            batches are padded (exactly) to power-of-two row counts up to
+            ``batch_size``, each shape captured once and checked against an
+            eager product; cuDNN autotuning is on. Removes the launch and
+            dispatch overhead that dominates eager products on a GPU. On a CPU
+            it warns and runs the same padded products eagerly.
 
     ``H @ v`` accepts a vector of shape ``(d,)`` or a block ``(d, k)`` in any
     floating dtype and device, and returns the product in float64 on ``v``'s
@@ -153,7 +163,8 @@ class HessianOperator:
                  method: str = "forward-over-reverse", *, eval_mode: bool = True,
                  batch_size: Optional[int] = None, cache_data: bool = True,
                  max_block: Optional[int] = None, allow_tf32: bool = False,
-                 distributed: Optional[bool] = None, compile: bool = False) -> None:
+                 distributed: Optional[bool] = None, compile: bool = False,
+                 graphs: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         if not eval_mode and method == "forward-over-reverse":
@@ -169,7 +180,12 @@ class HessianOperator:
         self.loss_fn, self.max_block, self.allow_tf32 = loss_fn, max_block, allow_tf32
         if compile and method != "forward-over-reverse":
             raise ValueError("compile=True needs method='forward-over-reverse'")
-        self.compile = compile
+        if graphs and method != "forward-over-reverse":
+            raise ValueError("graphs=True needs method='forward-over-reverse'")
+        if graphs and not eval_mode:
+            raise ValueError("graphs=True needs eval_mode=True (train-mode BatchNorm updates its statistics)")
+        self.compile, self.graphs = compile, graphs
+        self._row_mean_checked = False
         self.param_names = select_parameters(model, params)  # by identity: before any copy
         self.model = self._converted(model)
         state = dict(self.model.named_parameters())
@@ -188,6 +204,24 @@ class HessianOperator:
         self.num_matvecs = 0
         self.num_passes = 0
         self._product = self._make_product()
+
+    def with_data(self, data: DataLike, batch_size: Optional[int] = None) -> "HessianOperator":
+        """The Hessian of the same model, loss and parameters on other ``data`` (e.g. another class).
+
+        The new operator shares this one's converted model and its compiled or
+        captured products (no new compilation or capture for shapes seen
+        before); it has its own batches, sample count and product counters.
+        """
+        other = copy.copy(self)
+        other._data = data
+        other._batch_size = batch_size if batch_size is not None else self._batch_size
+        other._cache = other._load_batches() if self._cache is not None else None
+        other.num_samples = other._count_samples()
+        if other.num_samples == 0:
+            raise ValueError("the data set is empty: no samples to build a Hessian from")
+        other.num_matvecs = other.num_passes = 0
+        other._row_mean_checked = False
+        return other
 
     # ----------------------------------------------------------------- setup
     def _converted(self, model: nn.Module) -> nn.Module:
@@ -222,23 +256,50 @@ class HessianOperator:
         return batches
 
     def _product_batches(self) -> Iterator[tuple[Tensor, Tensor, Optional[Tensor]]]:
-        """Batches for products: ``(x, y, real)``; padded to one static shape when compiling.
+        """Batches for products: ``(x, y, real)``; padded to static shapes under compile/graphs.
 
-        With ``compile=True`` and a ``batch_size`` (eval mode), every batch is
-        padded to ``batch_size`` rows by repeating its own rows; ``real`` marks
-        the genuine ones, whose outputs alone carry derivatives. The batch mean
-        then equals ``(n/B)·mean_real + const``, so weighting the product by
-        B instead of n is exact, and one compiled graph serves every batch and
-        every class.
+        A batch of n rows is padded to B rows (``_padded_rows``) by repeating
+        its own rows; ``real`` marks the genuine ones, whose outputs alone carry
+        derivatives. For a loss that is a mean of per-sample terms the padded
+        batch mean is ``(n/B)·mean_real + const``, so weighting the product by
+        B instead of n is exact (checked once per operator: ``_check_row_mean``).
         """
-        pad_to = self._batch_size if (self.compile and self.eval_mode) else None
         for x, y in self.batches():
             n = len(y)
+            pad_to = self._padded_rows(n)
             if pad_to is None or n == pad_to:
                 yield x, y, (torch.ones(n, dtype=torch.bool, device=x.device) if pad_to else None)
                 continue
+            if not self._row_mean_checked:
+                self._check_row_mean(x, y)
             rows = torch.arange(pad_to, device=x.device) % n
             yield x[rows], y[rows], rows == torch.arange(pad_to, device=x.device)
+
+    def _check_row_mean(self, x: Tensor, y: Tensor) -> None:
+        """Padding is exact only if the loss is a plain mean of per-row terms; refuse otherwise.
+
+        A class-weighted mean over a batch of mixed classes (``Σ w_i ℓ_i / Σ w_i``)
+        is not: repeated rows would change its weights. Compared on up to 4 rows:
+        the loss of rows (0, 0, 1, 2, 3) against the mean of their single-row losses.
+        """
+        idx = torch.tensor([0, 0, 1, 2, 3], device=x.device)[: len(y) + 1] % len(y)
+        with torch.no_grad(), _mode(self.model, False):
+            out = functional_call(self.model, {**self._frozen, **self._params}, (x[idx],))
+            whole = self.loss_fn(out, y[idx])
+            rows = torch.stack([self.loss_fn(out[i:i + 1], y[idx][i:i + 1]) for i in range(len(idx))])
+        if not torch.allclose(whole, rows.mean(), rtol=1e-5, atol=1e-12):
+            raise ValueError("compile/graphs pad batches to static shapes, which is exact only for a loss that is "
+                             "a plain mean over samples; this loss is not (class weights over mixed classes?): "
+                             "use per-class data or compile=False, graphs=False")
+        self._row_mean_checked = True
+
+    def _padded_rows(self, n: int) -> Optional[int]:
+        """Static row count for a batch of n under compile (one shape) or graphs (buckets); None: as is."""
+        if self.compile and self._batch_size:
+            return self._batch_size  # every new shape would cost a compilation
+        if self.graphs:
+            return padded_rows(n, self._batch_size)
+        return None
 
     def batches(self) -> Iterator[Batch]:
         """The batches of this rank, on the compute device."""
@@ -298,7 +359,7 @@ class HessianOperator:
     def loss(self) -> float:
         """The mean loss L(θ) over all samples (float64)."""
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        with torch.no_grad(), _tf32(self.allow_tf32), _mode(self.model, not self.eval_mode):
+        with torch.no_grad(), _backend_flags(self.allow_tf32), _mode(self.model, not self.eval_mode):
             for x, y in self.batches():
                 total += len(y) * self._batch_loss(self._params, x, y).double()
         return float(self._all_reduce(total).item()) / self.num_samples
@@ -307,7 +368,7 @@ class HessianOperator:
         """∇L(θ), flat, float64."""
         total = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         grad_fn = grad(self._batch_loss)
-        with _tf32(self.allow_tf32), _mode(self.model, not self.eval_mode):
+        with _backend_flags(self.allow_tf32), _mode(self.model, not self.eval_mode):
             for x, y in self.batches():
                 g = grad_fn(self._params, x, y)
                 total += len(y) * torch.cat([t.reshape(-1) for t in g.values()]).double()
@@ -332,7 +393,8 @@ class HessianOperator:
         k = cols.shape[1]
         acc = torch.zeros(k, self.dim, dtype=torch.float64, device=self.device)
         product = self._hvp_forward_over_reverse if self.method == "forward-over-reverse" else self._hvp_double_backward
-        with _tf32(self.allow_tf32), _mode(self.model, not self.eval_mode):
+        static_shapes = self.compile or self.graphs
+        with _backend_flags(self.allow_tf32, True if static_shapes else None), _mode(self.model, not self.eval_mode):
             for x, y, real in self._product_batches():
                 acc.add_(product(tangents, x, y, real), alpha=float(len(y)))
         self.num_matvecs += k
@@ -353,11 +415,23 @@ class HessianOperator:
             return vmap(single)(tangents)
 
         # torch.compile traces jvp(grad) cleanly (it cannot compile a double backward)
-        return torch.compile(product, dynamic=False) if self.compile else product
+        compiled = torch.compile(product, dynamic=False) if self.compile else product
+        params = self._params
+
+        def on_params(tangents: dict[str, Tensor], x: Tensor, y: Tensor, real: Optional[Tensor]) -> Tensor:
+            return compiled(params, tangents, x, y, real)
+
+        if not self.graphs:
+            return on_params
+        capture = self.device.type == "cuda"
+        if not capture:
+            warnings.warn("graphs=True: CUDA graphs need a CUDA device; running the padded products eagerly",
+                          RuntimeWarning, stacklevel=3)
+        return GraphedProduct(on_params, capture=capture)
 
     def _hvp_forward_over_reverse(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
                                   real: Optional[Tensor]) -> Tensor:
-        return self._product(self._params, tangents, x, y, real).double()
+        return self._product(tangents, x, y, real).double()
 
     def _hvp_double_backward(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
                              real: Optional[Tensor]) -> Tensor:

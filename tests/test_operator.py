@@ -5,6 +5,7 @@ from torch import nn
 
 import spectra
 from problems import PROBLEMS, cnn_problem, mlp_problem
+from spectra.graphed_product import padded_rows
 
 NAMES = list(PROBLEMS)
 
@@ -119,3 +120,51 @@ def test_compiled_products_with_padded_static_batches(dense_cache):
     assert shapes == {(16, 6)}  # one static shape: one compilation
     v = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+
+
+def test_graphs_pad_to_power_of_two_buckets_exactly(dense_cache):
+    """graphs=True (eager on a CPU) pads each batch to a power-of-two bucket ≤ batch_size; exact."""
+    problem, dense = dense_cache("cnn")
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        H = problem.operator(graphs=True, batch_size=8)
+    sizes = [len(y) for _, y in H.batches()]
+    shapes = [len(y) for _, y, _ in H._product_batches()]
+    assert shapes == [padded_rows(n, 8) for n in sizes] and any(s > n for s, n in zip(shapes, sizes))
+    v = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+    torch.testing.assert_close(H @ v[:, 0], dense @ v[:, 0], rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+
+
+def test_padding_refuses_a_class_weighted_loss_over_mixed_classes():
+    """Repeating rows changes a class-weighted mean: padding such a batch would be silently wrong."""
+    problem = mlp_problem()
+    x = torch.cat([b[0] for b in problem.batches])[:10]
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    H = spectra.HessianOperator(problem.model, weighted, (x, y), batch_size=8, compile=True)
+    with pytest.raises(ValueError, match="plain mean over samples"):
+        H @ torch.ones(H.dim, dtype=torch.float64)
+    # one class per batch (per-class Hessians): the weights are constant, padding is exact
+    same = torch.full_like(y, 2)
+    H = spectra.HessianOperator(problem.model, weighted, (x, same), batch_size=8, compile=True)
+    reference = spectra.HessianOperator(problem.model, weighted, (x, same))
+    v = torch.randn(H.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(H @ v, reference @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_with_data_shares_the_product_and_gives_the_other_hessian(dense_cache):
+    problem, dense = dense_cache("cnn")
+    other = cnn_problem(seed=1)
+    x = torch.cat([b[0] for b in other.batches])
+    y = torch.cat([b[1] for b in other.batches])
+    H = problem.operator(batch_size=4)
+    v = torch.randn(H.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    H @ v
+    half = H.with_data((x[:5], y[:5]))
+    assert half._product is H._product and half.model is H.model
+    assert half.num_samples == 5 and half.num_matvecs == 0 and H.num_matvecs == 1
+    fresh = spectra.HessianOperator(problem.model, problem.loss_fn, (x[:5], y[:5]), batch_size=4)
+    torch.testing.assert_close(half @ v, fresh @ v, rtol=0, atol=1e-13)
+    torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+    with pytest.raises(ValueError, match="empty"):
+        H.with_data([])
