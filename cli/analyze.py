@@ -18,9 +18,10 @@ from typing import Any
 
 import click
 
-from spectra.analysis import SPREADS, SweepEvent, analyse_checkpoint, open_writer_on_rank_zero, run_sweep
+from spectra.analysis import analyse_checkpoint
 from spectra.progress import progress_bar
 from spectra.store import ResultRecord
+from spectra.sweep import SPREADS, SweepEvent, open_writer_on_rank_zero, run_sweep
 
 from .common import (
     checkpoint_options,

@@ -20,7 +20,8 @@ import click
 import numpy as np
 
 from spectra import distributed as sd
-from spectra.analysis import KINDS, LOSSES, AnalysisSettings, DataOptions, LoadOptions
+from spectra.analysis import KINDS, LOSSES, AnalysisSettings, LoadOptions
+from spectra.class_data import DataOptions
 from spectra.store import ResultRecord
 
 __all__ = [

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from spectra import store
-from spectra.analysis import resolve_classes
+from spectra.class_data import resolve_classes
 from spectra.plots import plot_density, plot_ratio
 
 from .common import handle_errors

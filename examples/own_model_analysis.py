@@ -11,7 +11,7 @@ MLP, a few epochs of Adam. Then, for each class c, spectra analyses
 λmax and λmin with measured residuals, |λmin/λmax|, the trace (Hutch++), the
 spectral density (SLQ), and λmax of the Hessian restricted to the last
 layer; the densities go into the user's own matplotlib figure. (For
-checkpoint files, ``spectra.analysis.run_sweep`` stores such results in an
+checkpoint files, ``spectra.sweep.run_sweep`` stores such results in an
 HDF5 file with full provenance; see examples/per_layer_spectrum.py.)
 
     python examples/own_model_analysis.py [--epochs 30] [--plot own_model_density.png]

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from spectra import store
-from spectra.analysis import AnalysisSettings, DataOptions, analyse_checkpoint
+from spectra.analysis import AnalysisSettings, analyse_checkpoint
 from spectra.checkpoints import load_checkpoint
+from spectra.class_data import DataOptions
 
 
 def train_small_checkpoint(out: Path, epochs: int) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ _LAZY = {
     "build_model": ("models", "build_model"),
     "DatasetSpec": ("datasets", "DatasetSpec"),
     "load_dataset": ("datasets", "load_dataset"),
-    "run_sweep": ("analysis", "run_sweep"),
+    "run_sweep": ("sweep", "run_sweep"),
     "store": ("store", None),
     "plots": ("plots", None),
     "train": ("train", None),

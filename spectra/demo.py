@@ -11,7 +11,7 @@ training images, 500 test images, exact original pixels; see
 2. trains a ResNet-8 (``resnet8`` of ``spectra.models``) with CE + DRW and with
    CE + DRW + SAM (:func:`spectra.train.fit`), DRW switching on half-way;
 3. sweeps the chosen checkpoints × classes into ``OUT/results.h5``
-   (:func:`spectra.analysis.run_sweep`): λmax and λmin of the per-class Hessian
+   (:func:`spectra.sweep.run_sweep`): λmax and λmin of the per-class Hessian
    ``H_c = ∇²_θ (1/N_c) Σ_{i: y_i=c} CE(f_θ(x_i), y_i)`` (model in eval mode, the
    first ``samples_per_class`` samples of class c), and the spectral density
    (SLQ) of the tail class at the last epoch of both runs;
@@ -244,8 +244,10 @@ def _train(config: DemoConfig, data_root: Path, runs_dir: Path, progress: bool,
 def _sweep(checkpoints: Sequence[Path], out: Path, classes: Any, kind: str, config: DemoConfig,
            data_root: Path, progress: bool, desc: str) -> None:
     """One :func:`run_sweep` with a progress bar; any failed job is an error."""
-    from .analysis import AnalysisSettings, DataOptions, SweepEvent, run_sweep
+    from .analysis import AnalysisSettings
+    from .class_data import DataOptions
     from .progress import progress_bar
+    from .sweep import SweepEvent, run_sweep
 
     settings = AnalysisSettings(kind=kind, top_k=1, bottom_k=1, tol=config.tol, max_iter=config.max_iter,
                                 probes=config.density_probes, steps=config.density_steps, seed=config.seed,

@@ -1,155 +1,28 @@
-"""Per-class analysis jobs and resumable sweeps on tiny checkpoints and data.
-
-The helpers here (a synthetic CIFAR-10 folder in the standard pickle format, a
-tiny importable CNN, spectra-format checkpoints of a short training run) are
-also used by tests/test_cli.py.
-"""
+"""Per-class analysis jobs on tiny checkpoints and data (tests/tiny_runs.py),
+against dense Hessians computed independently of the operator."""
 from __future__ import annotations
 
 import hashlib
-import pickle
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from spectra import store
-from spectra.analysis import (
-    AnalysisError,
-    AnalysisSettings,
-    DataCache,
-    DataOptions,
-    LoadOptions,
-    analyse_checkpoint,
-    expand_checkpoints,
-    resolve_classes,
-    run_sweep,
-)
+from spectra.analysis import AnalysisError, AnalysisSettings, analyse_checkpoint
 from spectra.checkpoints import load_checkpoint
-from spectra.datasets import CIFAR10_CLASSES, DatasetSpec, load_dataset, normalize
+from spectra.class_data import DataOptions
+from spectra.datasets import DatasetSpec, load_dataset, normalize
 
-TINY_MODULE = "spectra_test_tiny"
-TINY_SOURCE = textwrap.dedent('''
-    import torch.nn as nn
-
-    class TinyNet(nn.Module):
-        """conv(3→4, stride 2) → BN → ReLU → pool 4×4 → linear: ~800 parameters."""
-
-        def __init__(self, num_classes=10):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-            self.bn = nn.BatchNorm2d(4)
-            self.pool = nn.AdaptiveAvgPool2d(4)
-            self.linear = nn.Linear(64, num_classes)
-
-        def forward(self, x):
-            return self.linear(self.pool(self.bn(self.conv(x)).relu()).flatten(1))
-''')
-TINY_ARCH = f"{TINY_MODULE}:TinyNet"
-
-
-def install_tiny_module(folder: Path) -> Path:
-    """Write the tiny architecture's module into ``folder`` and make it importable."""
-    (folder / f"{TINY_MODULE}.py").write_text(TINY_SOURCE)
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    return folder
-
-
-def write_cifar10(root: Path, per_class: int = 6, test_per_class: int = 3, seed: int = 0) -> Path:
-    """A synthetic CIFAR-10 in the standard ``cifar-10-batches-py`` pickle format.
-
-    Images of class c are noise around a class-specific colour, so a model can
-    learn them. Training labels are interleaved over five batches.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def images(labels: np.ndarray) -> np.ndarray:
-        base = (labels[:, None] * 23 % 256).astype(np.float64)
-        noise = rng.normal(0, 40, size=(len(labels), 3072))
-        channel_shift = np.repeat(np.array([30.0, -20.0, 10.0]), 1024)[None, :] * (labels[:, None] % 3 - 1)
-        return np.clip(base + 60 + noise + channel_shift, 0, 255).astype(np.uint8)
-
-    train_labels = np.tile(np.arange(10), per_class)
-    rng.shuffle(train_labels)
-    data = images(train_labels)
-    for i, part in enumerate(np.array_split(np.arange(len(train_labels)), 5), start=1):
-        with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump({"data": data[part], "labels": train_labels[part].tolist()}, fh)
-    test_labels = np.repeat(np.arange(10), test_per_class)
-    with open(folder / "test_batch", "wb") as fh:
-        pickle.dump({"data": images(test_labels), "labels": test_labels.tolist()}, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, fh)
-    return root
-
-
-def spectra_checkpoint(model: torch.nn.Module, epoch: int, dataset: dict, method: str = "ce") -> dict:
-    """A checkpoint in spectra's training format (weights_only-safe)."""
-    return {
-        "format": "spectra-checkpoint", "format_version": 1, "arch": TINY_ARCH,
-        "arch_kwargs": {"num_classes": 10}, "num_classes": 10, "class_names": list(CIFAR10_CLASSES),
-        "dataset": dataset, "class_counts": None, "method": method, "config": {}, "epoch": epoch,
-        "state_dict": model.state_dict(), "optimizer": {}, "rng": {"torch": torch.get_rng_state()},
-        "metrics": {}, "spectra_version": "0.1.0",
-    }
-
-
-def make_run(run_dir: Path, data_root: Path, epochs=(1, 2, 3), dataset: str = "cifar10",
-             method: str = "ce", seed: int = 0) -> list[Path]:
-    """Train the tiny net for a few epochs, saving ckpt_epoch{E:04d}.pt and last.pt."""
-    sys.modules.pop(TINY_MODULE, None)
-    tiny = __import__(TINY_MODULE)
-    torch.manual_seed(seed)
-    model = tiny.TinyNet(10)
-    spec = DatasetSpec(dataset, root=str(data_root))
-    data = load_dataset(spec)
-    x, y = normalize(data.images), data.labels
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for epoch in range(1, max(epochs) + 1):
-        model.train()
-        for _ in range(3):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        if epoch in epochs:
-            ckpt = spectra_checkpoint(model, epoch, spec.to_dict(), method)
-            paths.append(run_dir / f"ckpt_epoch{epoch:04d}.pt")
-            torch.save(ckpt, paths[-1])
-            torch.save(ckpt, run_dir / "last.pt")
-    return paths
+from tiny_runs import tiny_run
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A data root, the tiny module and a 3-checkpoint run, shared by this module's tests."""
-    base = tmp_path_factory.mktemp("analysis")
-    install_tiny_module(base)
-    data_root = write_cifar10(base / "data")
-    run = make_run(base / "run-ce", data_root)
-    return {"base": base, "root": data_root, "run": run}
+    """The tiny 3-checkpoint run of tests/tiny_runs.py, shared by this module's tests."""
+    return tiny_run(tmp_path_factory.mktemp("analysis"))
 
 
 FAST = AnalysisSettings(kind="eigs", tol=1e-6, dtype="float64", max_iter=120)
-
-
-def test_class_resolution_by_index_name_list_and_all():
-    names = list(CIFAR10_CLASSES)
-    assert resolve_classes("all", names) == list(range(10))
-    assert resolve_classes("9", names) == [9]
-    assert resolve_classes("Truck", names) == [9]
-    assert resolve_classes("cat, 0,cat", names) == [3, 0]
-    with pytest.raises(AnalysisError, match=r"class 10 is out of range: the data set has 10 classes \(0-9\)"):
-        resolve_classes("10", names)
-    with pytest.raises(AnalysisError, match="unknown class 'zebra'"):
-        resolve_classes("zebra", names)
 
 
 def _class3_flat_loss(env, logits_loss):
@@ -225,17 +98,6 @@ def test_param_restriction_and_max_samples(env):
     assert rec.arrays["bottom"][0] > -1e-8
 
 
-def test_class_without_samples_and_missing_dataset(env, tmp_path):
-    # Ratio 100 on 6 images per class leaves int(6/100) = 0 images of class 9.
-    opts = DataOptions(dataset="cifar10-lt", root=str(env["root"]), device="cpu")
-    with pytest.raises(AnalysisError, match=r"class 9 \(truck\) has no samples in cifar10-lt \(train split\)"):
-        analyse_checkpoint(env["run"][0], "9", FAST, opts)
-    plain = tmp_path / "weights.pt"
-    torch.save(load_checkpoint(env["run"][0]).model.state_dict(), plain)
-    with pytest.raises(AnalysisError, match="does not record its data set; pass --dataset"):
-        analyse_checkpoint(plain, "0", FAST, DataOptions(device="cpu"), LoadOptions(arch=TINY_ARCH))
-
-
 def test_non_finite_loss_is_refused(env, tmp_path):
     ck = torch.load(env["run"][0], weights_only=True)
     ck["state_dict"]["linear.bias"][0] = float("nan")
@@ -243,71 +105,6 @@ def test_non_finite_loss_is_refused(env, tmp_path):
     torch.save(ck, bad)
     with pytest.raises(AnalysisError, match="loss is not finite"):
         analyse_checkpoint(bad, "0", FAST, DataOptions(root=str(env["root"]), device="cpu"))
-
-
-def test_user_dataset_factory(env, tmp_path, monkeypatch):
-    (tmp_path / "my_data_mod.py").write_text(textwrap.dedent("""
-        import torch
-        def make():
-            g = torch.Generator().manual_seed(0)
-            return torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    opts = DataOptions(dataset="my_data_mod:make", device="cpu")
-    (rec,) = analyse_checkpoint(env["run"][0], "2", FAST, opts)
-    assert rec.provenance["num_samples"] == 4 and rec.provenance["dataset"] == {"factory": "my_data_mod:make",
-                                                                                  "split": "train"}
-
-
-def test_expand_checkpoints_skips_covered_last(env, tmp_path):
-    run_dir = env["run"][0].parent
-    assert [p.name for p in expand_checkpoints([run_dir])] == [
-        "ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
-    other = tmp_path / "partial"
-    other.mkdir()
-    (other / "ckpt_epoch0001.pt").write_bytes(env["run"][0].read_bytes())
-    (other / "last.pt").write_bytes(env["run"][2].read_bytes())  # epoch 3, not covered
-    assert [p.name for p in expand_checkpoints([other])] == ["ckpt_epoch0001.pt", "last.pt"]
-    with pytest.raises(FileNotFoundError):
-        expand_checkpoints([tmp_path / "nothing-here"])
-
-
-def test_sweep_stores_every_checkpoint_and_class_then_resumes(env, tmp_path):
-    out = tmp_path / "results.h5"
-    opts = DataOptions(root=str(env["root"]), device="cpu")
-    events = []
-    summary = run_sweep([env["run"][0].parent], out, classes="0,9", kinds=("eigs", "density"),
-                        settings=AnalysisSettings(tol=1e-4, probes=2, steps=8), data_options=opts,
-                        progress=events.append)
-    assert (summary.computed, summary.skipped, summary.failed) == (12, 0, [])
-    assert [e.index for e in events] == list(range(1, 13)) and events[-1].total == 12
-    table = store.eigen_table(out)
-    np.testing.assert_array_equal(table[9].epochs, [1, 2, 3])
-    assert np.all(table[9].lambda_max >= table[9].lambda_min)
-    again = run_sweep([env["run"][0].parent], out, classes="0,9", kinds=("eigs", "density"),
-                      settings=AnalysisSettings(tol=1e-4, probes=2, steps=8), data_options=opts)
-    assert (again.computed, again.skipped) == (0, 12)
-    # Different settings are new entries; the data set is not loaded for skips.
-    changed = run_sweep([env["run"][0]], out, classes="0", settings=AnalysisSettings(tol=1e-4, seed=1),
-                        data_options=opts)
-    assert (changed.computed, changed.skipped) == (1, 0)
-    assert len(store.read_results(out)) == 13
-
-
-def test_sweep_reports_failures_and_continues(env, tmp_path):
-    out = tmp_path / "results.h5"
-    opts = DataOptions(dataset="cifar10-lt", root=str(env["root"]), device="cpu")
-    summary = run_sweep([env["run"][0]], out, classes="3,9", settings=AnalysisSettings(tol=1e-4), data_options=opts)
-    assert summary.computed == 1 and len(summary.failed) == 1 and "has no samples" in summary.failed[0]
-
-
-def test_data_cache_identity_ignores_root(env):
-    ck = load_checkpoint(env["run"][0])
-    a = DataCache(DataOptions(root=str(env["root"]))).identity(ck)
-    b = DataCache(DataOptions(root="/somewhere/else")).identity(ck)
-    assert a == b and a["name"] == "cifar10" and "root" not in a
-    c = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
-    assert c != a
 
 
 def test_ldam_loss_hessian_matches_dense(env, dense):

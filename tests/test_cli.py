@@ -22,7 +22,7 @@ from spectra import store
 from spectra.store import ResultsWriter
 from spectra_cli.main import main
 
-from test_analysis import TINY_ARCH, install_tiny_module, make_run, write_cifar10
+from tiny_runs import TINY_ARCH, install_tiny_module, make_run, write_cifar10
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

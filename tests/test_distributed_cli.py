@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from spectra import store
 from spectra_cli.main import main
 
-from test_analysis import install_tiny_module, make_run, write_cifar10
+from tiny_runs import install_tiny_module, make_run, write_cifar10
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

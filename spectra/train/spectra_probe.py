@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-from ..analysis import AnalysisError, AnalysisSettings, DataCache, DataOptions, analyse_class, open_writer_on_rank_zero
+from ..analysis import AnalysisError, AnalysisSettings, analyse_class
 from ..checkpoints import LoadedCheckpoint
+from ..class_data import DataCache, DataOptions
 from ..store import ResultRecord
+from ..sweep import open_writer_on_rank_zero
 
 __all__ = ["PerClassSpectra", "RESULTS_FILE"]
 

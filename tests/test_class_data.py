@@ -1,0 +1,79 @@
+"""Where a class's samples come from: class names and indices, the data set a
+checkpoint records or the user names, the per-class cap, the data identity,
+on tiny checkpoints and synthetic CIFAR-10 (tests/tiny_runs.py)."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from spectra.checkpoints import load_checkpoint
+from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
+from spectra.datasets import CIFAR10_CLASSES
+
+from tiny_runs import TINY_ARCH, tiny_run
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The tiny 3-checkpoint run of tests/tiny_runs.py, shared by this module's tests."""
+    return tiny_run(tmp_path_factory.mktemp("class_data"))
+
+
+def test_class_resolution_by_index_name_list_and_all():
+    names = list(CIFAR10_CLASSES)
+    assert resolve_classes("all", names) == list(range(10))
+    assert resolve_classes("9", names) == [9]
+    assert resolve_classes("Truck", names) == [9]
+    assert resolve_classes("cat, 0,cat", names) == [3, 0]
+    with pytest.raises(AnalysisError, match=r"class 10 is out of range: the data set has 10 classes \(0-9\)"):
+        resolve_classes("10", names)
+    with pytest.raises(AnalysisError, match="unknown class 'zebra'"):
+        resolve_classes("zebra", names)
+
+
+def test_class_without_samples_and_missing_dataset(env, tmp_path):
+    checkpoint = load_checkpoint(env["run"][0])
+    # Ratio 100 on 6 images per class leaves int(6/100) = 0 images of class 9.
+    long_tailed = DataCache(DataOptions(dataset="cifar10-lt", root=str(env["root"])))
+    with pytest.raises(AnalysisError, match=r"class 9 \(truck\) has no samples in cifar10-lt \(train split\)"):
+        long_tailed.class_data(checkpoint, 9)
+    plain = tmp_path / "weights.pt"
+    torch.save(checkpoint.model.state_dict(), plain)
+    with pytest.raises(AnalysisError, match="does not record its data set; pass --dataset"):
+        DataCache(DataOptions()).source(load_checkpoint(plain, TINY_ARCH))
+
+
+def test_user_dataset_factory(tmp_path, monkeypatch, env):
+    (tmp_path / "my_data_mod.py").write_text(textwrap.dedent("""
+        import torch
+        def make():
+            g = torch.Generator().manual_seed(0)
+            return torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = DataCache(DataOptions(dataset="my_data_mod:make"))
+    checkpoint = load_checkpoint(env["run"][0])
+    data = cache.class_data(checkpoint, 2)
+    inputs = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert data.num_samples == 4 and data.targets.tolist() == [2] * 4
+    torch.testing.assert_close(data.inputs, inputs[torch.arange(12) % 3 == 2])  # as given: no normalisation
+    assert cache.source(checkpoint).description == {"factory": "my_data_mod:make", "split": "train"}
+
+
+def test_data_cache_identity_ignores_root(env):
+    ck = load_checkpoint(env["run"][0])
+    a = DataCache(DataOptions(root=str(env["root"]))).identity(ck)
+    b = DataCache(DataOptions(root="/somewhere/else")).identity(ck)
+    assert a == b and a["name"] == "cifar10" and "root" not in a
+    c = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
+    assert c != a
+
+
+def test_class_data_stays_on_a_gpu_under_half_its_free_memory(monkeypatch):
+    data = ClassData(0, "a", inputs=torch.zeros(100), targets=torch.zeros(100, dtype=torch.long), ids_sha256="")
+    assert data.fits_on(torch.device("cpu"))
+    for free, fits in ((802, True), (801, False)):  # 400 bytes of inputs < free // 2
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**9))
+        assert data.fits_on(torch.device("cuda")) is fits

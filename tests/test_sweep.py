@@ -1,0 +1,61 @@
+"""Resumable sweeps over checkpoints × classes on tiny checkpoints and data
+(tests/tiny_runs.py): expansion of run folders, resuming, failures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spectra import store
+from spectra.analysis import AnalysisSettings
+from spectra.class_data import DataOptions
+from spectra.sweep import expand_checkpoints, run_sweep
+
+from tiny_runs import tiny_run
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The tiny 3-checkpoint run of tests/tiny_runs.py, shared by this module's tests."""
+    return tiny_run(tmp_path_factory.mktemp("sweep"))
+
+
+def test_expand_checkpoints_skips_covered_last(env, tmp_path):
+    run_dir = env["run"][0].parent
+    assert [p.name for p in expand_checkpoints([run_dir])] == [
+        "ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
+    other = tmp_path / "partial"
+    other.mkdir()
+    (other / "ckpt_epoch0001.pt").write_bytes(env["run"][0].read_bytes())
+    (other / "last.pt").write_bytes(env["run"][2].read_bytes())  # epoch 3, not covered
+    assert [p.name for p in expand_checkpoints([other])] == ["ckpt_epoch0001.pt", "last.pt"]
+    with pytest.raises(FileNotFoundError):
+        expand_checkpoints([tmp_path / "nothing-here"])
+
+
+def test_sweep_stores_every_checkpoint_and_class_then_resumes(env, tmp_path):
+    out = tmp_path / "results.h5"
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    events = []
+    summary = run_sweep([env["run"][0].parent], out, classes="0,9", kinds=("eigs", "density"),
+                        settings=AnalysisSettings(tol=1e-4, probes=2, steps=8), data_options=opts,
+                        progress=events.append)
+    assert (summary.computed, summary.skipped, summary.failed) == (12, 0, [])
+    assert [e.index for e in events] == list(range(1, 13)) and events[-1].total == 12
+    table = store.eigen_table(out)
+    np.testing.assert_array_equal(table[9].epochs, [1, 2, 3])
+    assert np.all(table[9].lambda_max >= table[9].lambda_min)
+    again = run_sweep([env["run"][0].parent], out, classes="0,9", kinds=("eigs", "density"),
+                      settings=AnalysisSettings(tol=1e-4, probes=2, steps=8), data_options=opts)
+    assert (again.computed, again.skipped) == (0, 12)
+    # Different settings are new entries; the data set is not loaded for skips.
+    changed = run_sweep([env["run"][0]], out, classes="0", settings=AnalysisSettings(tol=1e-4, seed=1),
+                        data_options=opts)
+    assert (changed.computed, changed.skipped) == (1, 0)
+    assert len(store.read_results(out)) == 13
+
+
+def test_sweep_reports_failures_and_continues(env, tmp_path):
+    out = tmp_path / "results.h5"
+    opts = DataOptions(dataset="cifar10-lt", root=str(env["root"]), device="cpu")
+    summary = run_sweep([env["run"][0]], out, classes="3,9", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    assert summary.computed == 1 and len(summary.failed) == 1 and "has no samples" in summary.failed[0]
