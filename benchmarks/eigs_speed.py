@@ -9,11 +9,15 @@ Everything is measured in this one run and reported as ratios between the
 tools, with the machine recorded beside the numbers:
 - one gradient pass and one HVP (single vector, and a block of 4) over the class;
 - a float64 reference λmax/λmin (spectra at tol 1e-9, or 1e-8 on a GPU);
-- spectra λmax+λmin to 1e-4 relative residual (fp32, TF32 off), block sizes 1/2/4;
+- spectra λmax+λmin to 1e-4 relative residual (fp32, TF32 off), block sizes 1/2/4,
+  for each product variant asked for: ``eager``, ``graphs`` (CUDA-graph replay,
+  padded static shapes) and ``compile`` (torch.compile, one padded shape);
 - PyHessian ``eigenvalues()`` (tol 1e-3, one eigenvalue) and which end it found;
 - curvlinops ``HessianLinearOperator`` + scipy ``eigsh`` (which="LA", then "SA", tol 1e-4);
 - spectra SLQ density (4 probes × 80 steps); PyHessian's density (broken: recorded);
-- optionally λmax/λmin and a density for every class (``--all-classes``).
+- optionally λmax/λmin and a density for every class (``--all-classes``), with the
+  fastest variant and block size of the compared class, one operator's products
+  shared by all classes (``HessianOperator.with_data``).
 """
 from __future__ import annotations
 
@@ -91,26 +95,35 @@ def build(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def operator(model, data, args, device, dtype=torch.float32, **kw) -> spectra.HessianOperator:
-    compiled = args.compile and dtype == torch.float32  # the float64 reference stays eager
+VARIANTS = ("eager", "graphs", "compile")
+
+
+def operator(model, data, args, device, dtype=torch.float32, variant="eager") -> spectra.HessianOperator:
+    """The operator of one product variant (the float64 reference is always eager)."""
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
-                                   batch_size=args.batch_size, compile=compiled, **kw)
+                                   batch_size=args.batch_size, compile=variant == "compile",
+                                   graphs=variant == "graphs")
 
 
-def bench_products(H: spectra.HessianOperator, device: torch.device) -> dict[str, float]:
-    v = torch.randn(H.dim, 4, dtype=torch.float64, device=device)
-    _, first_s = timed(lambda: H @ v[:, 0], device)  # warm-up (compilation when compiling)
-    H @ v  # warm-up of the block shape
+def bench_products(H: spectra.HessianOperator, device: torch.device, blocks=(4, 8)) -> dict[str, float]:
+    """Gradient pass, one HVP and blocks of HVPs; first calls (compilation, capture) timed apart."""
+    v = torch.randn(H.dim, max(blocks), dtype=torch.float64, device=device)
+    _, first_s = timed(lambda: H @ v[:, 0], device)  # warm-up (compilation / capture)
     _, grad_s = timed(H.gradient, device)
     _, hvp_s = timed(lambda: H @ v[:, 0], device)
-    _, block_s = timed(lambda: H @ v, device)
-    return {"first_hvp_s": first_s, "gradient_pass_s": grad_s, "hvp_s": hvp_s, "hvp_block4_s": block_s,
-            "hvp_over_gradient": hvp_s / grad_s, "block4_per_probe_over_gradient": block_s / 4 / grad_s}
+    out = {"first_hvp_s": first_s, "gradient_pass_s": grad_s, "hvp_s": hvp_s, "hvp_over_gradient": hvp_s / grad_s}
+    for k in blocks:
+        _, out[f"first_block{k}_s"] = timed(lambda: H @ v[:, :k], device)
+        _, secs = timed(lambda: H @ v[:, :k], device)
+        out[f"hvp_block{k}_s"] = secs
+        out[f"block{k}_per_probe_over_gradient"] = secs / k / grad_s
+    return out
 
 
 def bench_spectra(H, ref, device, tol, block_sizes) -> dict[str, Any]:
     out = {}
     for b in block_sizes:
+        H @ torch.randn(H.dim, b, dtype=torch.float64, device=device)  # this shape's compilation / capture
         res, secs = timed(lambda: spectra.eigenvalues(H, which="both", tol=tol, block_size=b, max_iter=400), device)
         out[f"block{b}"] = {"seconds": secs, "hvps": res.num_matvecs, "iterations": res.num_iterations,
                             "lambda_max": res.lambda_max, "lambda_min": res.lambda_min,
@@ -190,39 +203,60 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
     result["reference"] = {"lambda_max": ref.lambda_max, "lambda_min": ref.lambda_min, "tol": ref_tol,
                            "hvps": ref.num_matvecs, "seconds": secs, "converged": ref.converged}
     refd = result["reference"]
-    H = operator(model, batches, args, device)
-    result["dim"] = H.dim
-    result["products"] = bench_products(H, device)
-    result["spectra"] = bench_spectra(H, refd, device, args.tol, args.block_sizes)
-    dens, secs = timed(lambda: spectra.density(operator(model, batches, args, device), num_probes=4, num_steps=80), device)
+    for variant in args.variants:
+        H = operator(model, batches, args, device, variant=variant)
+        result["dim"] = H.dim
+        entry = {"products": bench_products(H, device), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes)}
+        failed = getattr(H._product, "failed", None)
+        if failed:
+            entry["graphs_failed"] = failed
+        result[variant] = entry
+        print(f"  {variant}: {json.dumps(entry['products'])}", flush=True)
+    variant, block = best_setting(result, args.variants)
+    result["best"] = {"variant": variant, "block": block}
+    dens, secs = timed(lambda: spectra.density(operator(model, batches, args, device, variant=variant),
+                                               num_probes=4, num_steps=80), device)
     result["spectra_density_4x80_s"] = secs
     if not args.skip_others:
         result["pyhessian"] = bench_pyhessian(model, x, y, device, refd)
         result["curvlinops"] = bench_curvlinops(model, batches, device, refd, args.tol)
-    best = min(result["spectra"].values(), key=lambda r: r["seconds"])
-    ratios = {"spectra_best_s": best["seconds"]}
+    ratios = {"spectra_best_s": result[variant]["spectra"][block]["seconds"]}
     for tool in ("pyhessian", "curvlinops"):
         if "seconds" in result.get(tool, {}):
-            ratios[f"{tool}_over_spectra"] = result[tool]["seconds"] / best["seconds"]
+            ratios[f"{tool}_over_spectra"] = result[tool]["seconds"] / ratios["spectra_best_s"]
     result["ratios"] = ratios
     return result
 
 
-def all_classes(model, classes, args, device) -> dict[str, Any]:
-    per_class, total_eigs, total_density = {}, 0.0, 0.0
+def best_setting(result: dict[str, Any], variants) -> tuple[str, str]:
+    """(variant, 'blockB') of the fastest converged λmax+λmin run."""
+    runs = [(r["seconds"], v, b) for v in variants for b, r in result[v]["spectra"].items() if r["converged"]]
+    runs = runs or [(r["seconds"], v, b) for v in variants for b, r in result[v]["spectra"].items()]
+    _, variant, block = min(runs)
+    return variant, block
+
+
+def all_classes(model, classes, args, device, variant: str, block: int) -> dict[str, Any]:
+    """Every class with one operator's products (captures / compilation shared); totals include them."""
+    per_class, total_eigs, total_density, base = {}, 0.0, 0.0, None
     for c, (x, y) in classes.items():
         data = spectra.as_batches(x.to(device), y.to(device), args.batch_size)
-        H = operator(model, data, args, device)
-        res, secs = timed(lambda: spectra.eigenvalues(H, tol=args.tol, block_size=args.block_sizes[-1]), device)
+        if base is None:
+            (H, build_s) = timed(lambda: operator(model, data, args, device, variant=variant), device)
+            base = H
+        else:
+            H, build_s = timed(lambda: base.with_data(data), device)
+        res, secs = timed(lambda: spectra.eigenvalues(H, tol=args.tol, block_size=block), device)
         dens, dsecs = timed(lambda: spectra.density(H, num_probes=4, num_steps=80), device)
         per_class[c] = {"samples": len(y), "lambda_max": res.lambda_max, "lambda_min": res.lambda_min,
-                        "hvps": res.num_matvecs, "eigs_s": secs, "density_s": dsecs, "converged": res.converged}
-        total_eigs += secs
+                        "hvps": res.num_matvecs, "eigs_s": secs + build_s, "density_s": dsecs,
+                        "converged": res.converged}
+        total_eigs += secs + build_s
         total_density += dsecs
         print(f"  class {c}: n={len(y)} λmax={res.lambda_max:.4g} λmin={res.lambda_min:.4g} "
               f"{res.num_matvecs} HVPs {secs:.2f}s, density {dsecs:.2f}s", flush=True)
     return {"per_class": per_class, "eigs_total_s": total_eigs, "density_total_s": total_density,
-            "block_size": args.block_sizes[-1], "tol": args.tol}
+            "variant": variant, "block_size": block, "tol": args.tol}
 
 
 def main() -> None:
@@ -239,27 +273,28 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--block-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--all-classes", action="store_true")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the HVP (needs --batch-size: one static padded shape); "
-                        "the first product, timed in 'products', pays the compilation")
+    p.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS,
+                   help="product variants to measure: eager, graphs (CUDA graphs), compile (needs --batch-size); "
+                        "first products (compilation / capture) are timed apart")
     p.add_argument("--skip-others", action="store_true", help="spectra only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()
-    if args.compile and not args.batch_size:
-        p.error("--compile needs --batch-size")
+    if "compile" in args.variants and not args.batch_size:
+        p.error("--variants compile needs --batch-size")
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = build(args)
     classes, source = load_classes(args)
     report: dict[str, Any] = {"machine": machine(device), "data": source, "arch": args.arch,
-                              "tf32": False, "compile": args.compile, "dtype": "float32 (reference float64)"}
+                              "tf32": False, "variants": args.variants, "batch_size": args.batch_size, "dtype": "float32 (reference float64)"}
     print(f"[{report['machine']}] {args.arch}, {source}", flush=True)
     report["compare"] = compare_on_class(model, classes, args.compare_class, args, device)
     print(json.dumps(report["compare"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))  # kept if the per-class part is cut short
     if args.all_classes:
-        report["all_classes"] = all_classes(model, classes, args, device)
+        best = report["compare"]["best"]
+        report["all_classes"] = all_classes(model, classes, args, device, best["variant"], int(best["block"][5:]))
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

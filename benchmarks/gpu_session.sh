@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool): spectra eigen/density benchmark against
-# PyHessian and curvlinops, training speed, and the CIFAR-10-LT table runs.
+# One prepared GPU session (device tool), in one of two parts (one 10-minute command each):
+#   PART=eigs  (default) spectra eigen/density benchmark against PyHessian and curvlinops,
+#              product variants eager / CUDA graphs (/ torch.compile with EIG_COMPILE=1),
+#              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent).
+#   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds).
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
-# to_batches.py and whl/ (pyhessian, curvlinops, einconv wheels). Results -> $OUT.
+# to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
+# opt_einsum wheels). Results -> $OUT.
 # Dry run on the CPU: DEVICE=cpu SMALL=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_out}; DEVICE=${DEVICE:-cuda}; SMALL=${SMALL:-0}
+OUT=${OUT:-/tmp/gpu_out}; DEVICE=${DEVICE:-cuda}; SMALL=${SMALL:-0}; PART=${PART:-eigs}
 mkdir -p "$OUT" /tmp/shim
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
 ln -sfn "$PWD/cli" /tmp/shim/spectra_cli   # the CLI package without an install
@@ -14,25 +18,29 @@ export PYTHONPATH="$PWD:/tmp/shim:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
 [ -d /tmp/data/cifar-10-batches-py ] || python3 .gpu/to_batches.py /tmp/data >/dev/null
 if [ "$SMALL" = 1 ]; then
-  EIG_ARGS="--arch resnet8 --max-samples 400 --block-sizes 1 4"; EPOCHS=1; BUDGET=120; EXTRA="--max-train-samples 256 --methods ce,ce-drw-sam"
+  EIG_ARGS="--arch resnet8 --max-samples 400 --block-sizes 1 4 --batch-size 32"; EPOCHS=1; BUDGET=120; EXTRA="--max-train-samples 256 --methods ce,ce-drw-sam"
   SPEED_ARGS="--steps 2"
 else
-  EIG_ARGS="--arch resnet32 --batch-size 512"; EPOCHS=200; BUDGET=${BUDGET:-210}; EXTRA="--methods ${METHODS:-ce-drw,ce-drw-sam}"; SPEED_ARGS=""
+  EIG_ARGS="--arch resnet32 --batch-size ${EIG_BATCH:-512} --block-sizes 1 4 8"; EPOCHS=200; BUDGET=${BUDGET:-520}
+  EXTRA="--methods ${METHODS:-ce,ce-sam,ce-drw,ce-drw-sam,ldam-drw,ldam-drw-sam,vs,vs-sam}"; SPEED_ARGS=""
 fi
+if [ "$PART" = eigs ]; then
 echo "== spectra eigenvalues/density benchmark"
-timeout ${EIG_TIMEOUT:-200} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-  --compare-class 3 --all-classes $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
+timeout ${EIG_TIMEOUT:-330} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+  --compare-class 3 --all-classes --variants eager graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
+  | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
 if [ "${EIG_COMPILE:-0}" = 1 ]; then
-  echo "== spectra with torch.compile (padded static batches)"
-  timeout ${EIG_TIMEOUT:-200} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-    --compare-class 3 --all-classes --skip-others --compile $EIG_ARGS --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
+  echo "== spectra with torch.compile (one padded static shape per block size)"
+  timeout ${COMPILE_TIMEOUT:-150} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+    --compare-class 3 --skip-others --variants compile $EIG_ARGS --block-sizes 4 --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
     | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
 fi
 echo "== training speed"
-timeout ${SPEED_TIMEOUT:-75} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
-if [ "${TABLE:-1}" = 1 ]; then
+fi
+if [ "$PART" = table ]; then
 echo "== CIFAR-10-LT table (budget ${BUDGET}s)"
 timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out /tmp/table \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" $EXTRA > "$OUT/table.log" 2>&1

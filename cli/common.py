@@ -169,6 +169,9 @@ compute_options = compose(
                  help="Loss whose Hessian is analysed: ce = mean cross-entropy; ldam, vs = the training losses (margins / logit scaling from the class counts; class weights cancel within a class)."),
     click.option("--hvp", "hvp_method", type=click.Choice(["forward-over-reverse", "double-backward"]),
                  default="forward-over-reverse", show_default=True, help="How Hessian-vector products are formed."),
+    click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+                 help="Replay Hessian-vector products as CUDA graphs (batches padded exactly to power-of-two "
+                      "shapes, each captured once and checked against an eager product); CUDA devices only."),
 )
 
 eigs_options = compose(
@@ -222,7 +225,7 @@ def settings_from(kind: str, opts: dict[str, Any]) -> AnalysisSettings:
         "top_k": "top_k", "bottom_k": "bottom_k", "tol": "tol", "max_iter": "max_iter",
         "probes": "probes", "steps": "steps", "sigma": "sigma", "trace_probes": "trace_probes",
         "trace_method": "trace_method", "seed": "seed", "dtype": "dtype", "loss": "loss",
-        "hvp_method": "hvp_method",
+        "hvp_method": "hvp_method", "cuda_graphs": "cuda_graphs",
     }
     values = {field: opts[opt] for field, opt in names.items() if opt in opts}
     patterns = opts.get("param_patterns")

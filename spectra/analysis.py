@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -89,6 +90,9 @@ class AnalysisSettings:
     ``kind`` selects the analysis; the algorithm parameters of the other kinds
     are ignored (and left out of the settings hash). ``params``: parameter-name
     patterns the Hessian is restricted to (None = all trainable parameters).
+    ``hvp_method`` and ``cuda_graphs`` (replay products as CUDA graphs, see
+    :class:`~spectra.HessianOperator`) change how products are formed, not
+    what they are, and are not hashed.
     """
 
     kind: str = "eigs"
@@ -106,6 +110,7 @@ class AnalysisSettings:
     loss: str = "ce"
     params: tuple[str, ...] | None = None
     hvp_method: str = "forward-over-reverse"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -116,6 +121,8 @@ class AnalysisSettings:
             raise AnalysisError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
         if self.top_k < 0 or self.bottom_k < 0 or self.top_k + self.bottom_k == 0:
             raise AnalysisError("ask for at least one eigenvalue (--top-k / --bottom-k)")
+        if self.cuda_graphs and self.hvp_method != "forward-over-reverse":
+            raise AnalysisError("CUDA graphs need --hvp forward-over-reverse")
         if self.params is not None:
             object.__setattr__(self, "params", tuple(self.params))
 
@@ -136,7 +143,7 @@ class AnalysisSettings:
 
     def settings_hash(self, data_identity: dict[str, Any]) -> str:
         """SHA-256 of what determines the result: kind, algorithm parameters,
-        seed, dtype, loss, parameter selection, HVP method and the data."""
+        seed, dtype, loss, parameter selection and the data."""
         payload = {
             "kind": self.kind, "algorithm": self.algorithm, "algorithm_params": self.algorithm_params(),
             "seed": self.seed, "dtype": self.dtype, "loss": self.loss,
@@ -200,16 +207,11 @@ def analyse_class(
             f"{checkpoint.path} is a TorchScript model whose architecture spectra could not recognise; "
             "pass --arch NAME (and --arch-kwargs) so it is rebuilt from the archive's weights"
         )
-    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
     start = time.perf_counter()
     use_device_cache = data.fits_on(device)
     try:
-        H = spectra.HessianOperator(
-            checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint),
-            spectra.as_batches(data.inputs, data.targets, batch_size),
-            params=list(settings.params) if settings.params else None, dtype=dtype, device=device,
-            method=settings.hvp_method, eval_mode=True, cache_data=use_device_cache, distributed=distributed,
-        )
+        H = _class_operator(checkpoint, data, settings, device, batch_size, class_counts,
+                            cache_data=use_device_cache, distributed=distributed)
         loss = H.loss()
     except (RuntimeError, IndexError) as exc:
         raise AnalysisError(f"cannot evaluate the model on class {data.class_index}: {_first_line(exc)}") from exc
@@ -246,6 +248,7 @@ def analyse_class(
         "params": list(settings.params) if settings.params else None,
         "num_params": int(H.dim),
         "hvp_method": H.method,
+        "cuda_graphs": bool(H.graphs and getattr(H._product, "failed", None) is None and device.type == "cuda"),
         "seed": settings.seed,
         "dtype": settings.dtype,
         "device": str(device),
@@ -258,6 +261,38 @@ def analyse_class(
     for key in ("arch", "arch_kwargs", "num_classes"):
         provenance.pop(key, None)  # stored as model / model_kwargs
     return ResultRecord(provenance=provenance, arrays=arrays)
+
+
+# The last operator built with CUDA graphs: the next class of the same model reuses
+# its captured products (HessianOperator.with_data) instead of capturing again.
+_GRAPHED: dict[str, Any] = {}
+
+
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: AnalysisSettings,
+                    device: torch.device, batch_size: int, class_counts: list[int] | None,
+                    cache_data: bool, distributed: bool | None) -> spectra.HessianOperator:
+    """The Hessian operator of one class (sharing captured products with the previous class)."""
+    batches = spectra.as_batches(data.inputs, data.targets, batch_size)
+    graphs = settings.cuda_graphs and _graphs_supported(device)
+    key = (settings.loss, tuple(class_counts or ()), settings.dtype, settings.params, str(device),
+           settings.hvp_method, cache_data, distributed, batch_size)
+    last = _GRAPHED.get("operator")
+    if graphs and last is not None and _GRAPHED["key"] == key and _GRAPHED["model"]() is checkpoint.model:
+        return last.with_data(batches)
+    H = spectra.HessianOperator(
+        checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint), batches,
+        params=list(settings.params) if settings.params else None,
+        dtype=torch.float64 if settings.dtype == "float64" else torch.float32, device=device,
+        method=settings.hvp_method, eval_mode=True, cache_data=cache_data, distributed=distributed,
+        graphs=graphs,
+    )
+    if graphs:
+        _GRAPHED.update(operator=H, key=key, model=weakref.ref(checkpoint.model))
+    return H
 
 
 def _compute(H: Any, settings: AnalysisSettings, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

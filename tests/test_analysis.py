@@ -121,3 +121,29 @@ def test_ldam_loss_hessian_matches_dense(env, dense):
     assert abs(rec.arrays["bottom"][0] - float(evals[0])) <= 1e-7 * scale
     assert rec.provenance["loss_fn"] == "ldam"
     assert abs(rec.arrays["top"][0] - float(dense["evals"][-1])) > 1e-3 * scale  # not the CE Hessian
+
+
+def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, dense, monkeypatch):
+    """cuda_graphs: the second class reuses the first class's operator products (with_data);
+    results equal the eager ones. Off CUDA the setting is ignored; here the padded static-shape
+    products run eagerly (a CPU stand-in for the capture) to exercise the sharing."""
+    import spectra
+    from spectra import analysis
+
+    opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
+    eager = analyse_checkpoint(env["run"][-1], "3,5", FAST, opts)
+    shared = []
+    with_data = spectra.HessianOperator.with_data
+    monkeypatch.setattr(spectra.HessianOperator, "with_data", lambda self, *a, **k: shared.append(self) or with_data(self, *a, **k))
+    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
+    graphed_settings = AnalysisSettings(kind="eigs", tol=1e-6, dtype="float64", max_iter=120, cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        graphed = analyse_checkpoint(env["run"][-1], "3,5", graphed_settings, opts)
+    assert len(shared) == 1 and shared[0].graphs
+    for a, b in zip(eager, graphed):
+        np.testing.assert_allclose(b.arrays["top"], a.arrays["top"], rtol=1e-9)
+        np.testing.assert_allclose(b.arrays["bottom"], a.arrays["bottom"], rtol=1e-9, atol=1e-9 * abs(a.arrays["top"][0]))
+    assert graphed[0].provenance["settings_hash"] == eager[0].provenance["settings_hash"]
+    np.testing.assert_allclose(graphed[0].arrays["top"][0], float(dense["evals"][-1]), rtol=1e-8)
+    with pytest.raises(AnalysisError, match="forward-over-reverse"):
+        AnalysisSettings(cuda_graphs=True, hvp_method="double-backward")

@@ -2,7 +2,7 @@
 
 Each test starts ``python -m torch.distributed.run --standalone --nproc_per_node 2
 -m spectra ...`` as a subprocess (one OpenMP thread per rank) on the tiny
-checkpoints and synthetic CIFAR-10 of ``test_analysis`` and compares what
+checkpoints and synthetic CIFAR-10 of ``tests/tiny_runs.py`` and compares what
 rank 0 printed and stored with the same command run in this process.
 """
 from __future__ import annotations
