@@ -39,6 +39,9 @@ fi
 echo "== training speed"
 timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
+echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
+timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
 fi
 if [ "$PART" = table ]; then
 echo "== CIFAR-10-LT table (budget ${BUDGET}s)"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import spectra
-from spectra.checkpoints import LoadedCheckpoint, load_checkpoint
+from spectra.checkpoints import LoadedCheckpoint, first_line, load_checkpoint
 from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
 from spectra.store import ResultRecord
 
@@ -214,7 +214,7 @@ def analyse_class(
                             cache_data=use_device_cache, distributed=distributed)
         loss = H.loss()
     except (RuntimeError, IndexError) as exc:
-        raise AnalysisError(f"cannot evaluate the model on class {data.class_index}: {_first_line(exc)}") from exc
+        raise AnalysisError(f"cannot evaluate the model on class {data.class_index}: {first_line(exc)}") from exc
     if not math.isfinite(loss):
         raise AnalysisError(
             f"the loss is not finite ({loss}) on class {data.class_index} ({data.class_name}) "
@@ -318,11 +318,6 @@ def _compute(H: Any, settings: AnalysisSettings, progress: bool) -> tuple[dict[s
     res = spectra.trace(H, num_probes=settings.trace_probes, method=settings.trace_method, seed=settings.seed)
     return ({"estimate": np.asarray(res.estimate, np.float64), "stderr": np.asarray(res.stderr, np.float64)},
             {"trace_method": res.method})
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def analyse_checkpoint(

@@ -167,7 +167,8 @@ def _numpy_safe_globals() -> list[Any]:
     return [np.ndarray, np.dtype, core.multiarray._reconstruct, *dtype_classes]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty): errors shown to users are one line."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -189,7 +190,7 @@ def _torch_load(path: Path, trust: bool, map_location: Any) -> Any:
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
         except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+            raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -201,7 +202,7 @@ def _torch_load(path: Path, trust: bool, map_location: Any) -> Any:
                 f"{path} contains pickled Python objects ({shown}); loading it runs code from the file. "
                 f"Pass --trust-checkpoint (trust=True) only if you trust its source, or re-save it as a state_dict"
             ) from exc
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({first_line(exc)})") from exc
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
@@ -294,7 +295,7 @@ def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return build_model(arch, **kwargs)
     except TypeError as exc:
-        raise CheckpointError(f"cannot build architecture {arch!r} with arguments {kwargs}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot build architecture {arch!r} with arguments {kwargs}: {first_line(exc)}") from exc
 
 
 # ------------------------------------------------------------------ loading
@@ -358,7 +359,7 @@ def _load_torchscript(
     try:
         scripted = torch.jit.load(str(path), map_location=map_location)
     except Exception as exc:
-        raise CheckpointError(f"cannot read TorchScript archive {path}: {_first_line(exc)}") from exc
+        raise CheckpointError(f"cannot read TorchScript archive {path}: {first_line(exc)}") from exc
     found = epoch_from_filename(path)
     epoch = -1 if found is None else found
     state_dict = {k: v.detach().clone() for k, v in scripted.state_dict().items()}

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from spectra import distributed as sd
-from spectra.analysis import AnalysisSettings, LoadOptions, _first_line, analyse_class, resolve_device
-from spectra.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint, read_checkpoint_epoch
+from spectra.analysis import AnalysisSettings, LoadOptions, analyse_class, resolve_device
+from spectra.checkpoints import CheckpointError, LoadedCheckpoint, first_line, load_checkpoint, read_checkpoint_epoch
 from spectra.class_data import AnalysisError, DataCache, DataOptions, resolve_classes
 from spectra.store import ResultRecord, ResultsWriter, entry_key
 
@@ -219,7 +219,7 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
         try:
             checkpoint, wanted, identity = _open_job_source(path, plan, cache)
         except _LOAD_ERRORS as exc:
-            error = _first_line(exc)
+            error = first_line(exc)
         if sd.any_rank(error is not None):
             message = error or "could not be read on another rank"
             summary.failed.append(f"{path}: {message}")
@@ -245,7 +245,7 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
                             plan.data_options.batch_size, source.description, identity, source.class_counts,
                         )
                     except (AnalysisError, ValueError, OSError) as exc:
-                        error = _first_line(exc)
+                        error = first_line(exc)
                     if sd.any_rank(error is not None):
                         message = error or "failed on another rank"
                         summary.failed.append(f"{path} class {c} {kind}: {message}")
@@ -266,8 +266,8 @@ def _store(writer: ResultsWriter | None, record: ResultRecord | None, summary: S
         summary.computed += 1
         event.status, event.record = "done", record
     except (OSError, ValueError) as exc:
-        summary.failed.append(f"{label}: {_first_line(exc)}")
-        event.status, event.message = "failed", _first_line(exc)
+        summary.failed.append(f"{label}: {first_line(exc)}")
+        event.status, event.message = "failed", first_line(exc)
 
 
 # One job of a sweep spread over ranks: (checkpoint path, class, kind).
@@ -284,8 +284,8 @@ def _pending_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter, su
         try:
             checkpoint, wanted, identity = _open_job_source(path, plan, cache)
         except _LOAD_ERRORS as exc:
-            summary.failed.append(f"{path}: {_first_line(exc)}")
-            events.append(SweepEvent(0, 0, path, -1, -1, "", "failed", _first_line(exc)))
+            summary.failed.append(f"{path}: {first_line(exc)}")
+            events.append(SweepEvent(0, 0, path, -1, -1, "", "failed", first_line(exc)))
             continue
         for c in wanted:
             for kind in plan.kinds:
@@ -324,7 +324,7 @@ class _JobRunner:
             )
             return "done", record
         except Exception as exc:  # noqa: BLE001 - reported per job, the sweep goes on
-            return "failed", _first_line(exc)
+            return "failed", first_line(exc)
 
 
 def _sweep_spreading_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter | None) -> SweepSummary:
