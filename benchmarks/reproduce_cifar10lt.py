@@ -7,8 +7,12 @@ tail accuracy beside the paper's numbers.
 
 On CUDA the runs share one process by default (``--mode streams``: each run on
 its own CUDA stream, steps interleaved, so the small kernels of eight
-ResNet-32s overlap on the GPU); ``--mode processes`` starts one ``spectra
-train`` process per run instead, and is the automatic fallback.
+ResNet-32s overlap on the GPU). ``--mode ensemble`` trains the runs that share
+an architecture and optimiser as ONE vectorised step (``torch.func.vmap``;
+groups {ce, ce-drw, vs}, {ce-sam, ce-drw-sam, vs-sam}, {ldam-drw},
+{ldam-drw-sam}), the four groups on their own streams; its GPU speed is not
+measured yet, so it is not the default. ``--mode processes`` starts one
+``spectra train`` process per run instead, and is the automatic fallback.
 
 "Tail" = the 3 rarest classes (7 horse, 8 ship, 9 truck: 139, 83, 50 training
 images). Each run gets ``--time-limit-s`` = the budget minus a margin, so a run
@@ -61,9 +65,9 @@ def command(method: str, args: argparse.Namespace, out: Path) -> list[str]:
     return cmd
 
 
-def run_in_streams(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
-    """All runs in this process, lockstep, one CUDA stream each (spectra.train.fit_many)."""
-    from spectra.train import fit_many, parse_override, resolve_config
+def build_configs(methods: list[str], args: argparse.Namespace) -> list:
+    """The runs' TrainConfigs for the in-process modes."""
+    from spectra.train import parse_override, resolve_config
 
     overrides = dict(parse_override(item) for item in args.set)
     configs = []
@@ -79,10 +83,29 @@ def run_in_streams(methods: list[str], args: argparse.Namespace) -> dict[str, di
     for m in methods:
         if (out_root / m / "last.pt").exists() and not args.resume:
             raise SystemExit(f"{out_root / m} already holds a run; use another --out or --resume")
+    return configs
+
+
+def run_in_process(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
+    """All runs in this process, lockstep. ``streams``: one CUDA stream per run
+    (spectra.train.fit_many); ``ensemble``: runs that share an architecture
+    and optimiser trained as one vectorised step per group, the groups on
+    their own streams (spectra.train.fit_ensembles)."""
+    from spectra.train import fit_ensembles, fit_many, group_for_ensembles
+
+    configs = build_configs(methods, args)
+    out_dirs = [Path(args.out) / m for m in methods]
     t0 = time.time()
-    print(f"training {', '.join(methods)} in one process on {args.device} (one CUDA stream per run)", flush=True)
-    fit_many(configs, [out_root / m for m in methods], resume=args.resume, log=lambda msg: print(msg, flush=True))
-    return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": "streams"} for m in methods}
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if mode == "ensemble":
+        groups = ["{" + ", ".join(methods[i] for i in g) + "}" for g in group_for_ensembles(configs)]
+        print(f"training {' '.join(groups)} in one process on {args.device} (one vectorised ensemble per group, "
+              "groups on their own CUDA streams)", flush=True)
+        fit_ensembles(configs, out_dirs, resume=args.resume, log=log)
+    else:
+        print(f"training {', '.join(methods)} in one process on {args.device} (one CUDA stream per run)", flush=True)
+        fit_many(configs, out_dirs, resume=args.resume, log=log)
+    return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": mode} for m in methods}
 
 
 def run_all(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
@@ -170,9 +193,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--parallel", type=int, default=8, help="concurrent training processes (processes mode)")
-    p.add_argument("--mode", choices=["auto", "streams", "processes"], default="auto",
+    p.add_argument("--mode", choices=["auto", "streams", "ensemble", "processes"], default="auto",
                    help="streams: all runs in one process, one CUDA stream each (kernels overlap; default on CUDA); "
-                        "processes: one 'spectra train' process per run (default on CPU; fallback if streams fails)")
+                        "ensemble: compatible runs as one vectorised step per group (4 groups for the table), groups on streams; "
+                        "processes: one 'spectra train' process per run (default on CPU; fallback if an in-process mode fails)")
     p.add_argument("--time-budget-s", type=float, default=None, help="stop every run cleanly before this many seconds")
     p.add_argument("--methods", default=",".join(m for m, _, _ in PAPER), help="comma list (add ce-drw-pgd,ce-drw-lpf for the baselines)")
     p.add_argument("--device", default="auto")
@@ -192,16 +216,16 @@ def main() -> None:
         import torch
 
         mode = "streams" if args.device != "cpu" and torch.cuda.is_available() else "processes"
-    if mode == "streams":
+    if mode in ("streams", "ensemble"):
         try:
-            status = run_in_streams(methods, args)
+            status = run_in_process(methods, args, mode)
         except Exception as exc:  # fall back to one process per run, resuming what exists
             print(f"in-process run failed ({type(exc).__name__}: {exc}); falling back to one process per run", flush=True)
             left = [m for m in methods if not (Path(args.out) / m / "summary.json").exists()]
             if args.time_budget_s:
                 args.time_budget_s = max(60.0, args.time_budget_s - (time.time() - T0))
             args.resume = True
-            status = {m: {"returncode": 0, "mode": "streams"} for m in methods if m not in left}
+            status = {m: {"returncode": 0, "mode": mode} for m in methods if m not in left}
             status.update(run_all(left, args))
     else:
         status = run_all(methods, args)

@@ -3,6 +3,7 @@ eager versus optimised (CUDA-graph capture / torch.compile), one method.
 
     python benchmarks/train_speed.py --device cuda --data-root DIR          # real CIFAR-10-LT
     python benchmarks/train_speed.py --device cpu --steps 5                 # quick CPU figure
+    python benchmarks/train_speed.py --device cuda --concurrent 3 --ensemble 3   # 3 runs: streams vs one vectorised step
 
 Without --data-root a synthetic CIFAR-10-LT-sized set (12,406 random images)
 is used; the speed does not depend on pixel values. On the CPU only the first
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from spectra.datasets import lt_class_counts
-from spectra.train import Trainer, resolve_config
+from spectra.train import Ensemble, Trainer, TrainConfig, resolve_config
 
 
 def write_synthetic_cifar10(root: Path, seed: int = 0) -> None:
@@ -38,11 +39,16 @@ def write_synthetic_cifar10(root: Path, seed: int = 0) -> None:
         pickle.dump({"data": data[:1000], "labels": labels[:1000].tolist()}, fh)
 
 
-def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float | str]:
-    cfg = resolve_config(
-        args.method, "cifar10-lt", data_root=root, device=args.device, compile=mode, amp=args.amp,
-        channels_last=args.channels_last, batch_size=args.batch_size, progress=False, max_test_samples=1000,
+def config(args: argparse.Namespace, root: str, mode: str, channels_last: bool) -> TrainConfig:
+    return resolve_config(
+        args.method, "cifar10-lt", data_root=root, device=args.device, compile=mode, amp=args.amp, arch=args.arch,
+        channels_last=channels_last, batch_size=args.batch_size, progress=False, max_test_samples=1000,
+        max_train_samples=args.max_train_samples,
     )
+
+
+def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float | str]:
+    cfg = config(args, root, mode, args.channels_last)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, log=print)
         trainer.prepare()
@@ -66,8 +72,7 @@ def measure_concurrent(n: int, args: argparse.Namespace, root: str) -> dict[str,
     ``spectra.train.fit_many``): seconds per epoch of all ``n`` together."""
     import contextlib
 
-    cfg = resolve_config(args.method, "cifar10-lt", data_root=root, device=args.device, compile=args.concurrent_mode,
-                         amp=args.amp, batch_size=args.batch_size, progress=False, max_test_samples=1000)
+    cfg = config(args, root, args.concurrent_mode, False)
     with tempfile.TemporaryDirectory() as out:
         trainers = [Trainer(cfg, Path(out) / str(i), log=print) for i in range(n)]
         cuda = args.device.startswith("cuda")
@@ -95,6 +100,24 @@ def measure_concurrent(n: int, args: argparse.Namespace, root: str) -> dict[str,
     return {"s_per_epoch_all": sec, "img_per_s_all": n * trainers[0].batches.steps * args.batch_size / sec}
 
 
+def measure_ensemble(n: int, args: argparse.Namespace, root: str) -> dict[str, float | str]:
+    """``n`` runs of the method as ONE vectorised ensemble (spectra.train.fit_ensemble):
+    seconds per epoch of all ``n`` together."""
+    cfg = config(args, root, args.concurrent_mode, args.channels_last)
+    with tempfile.TemporaryDirectory() as out:
+        ensemble = Ensemble([cfg] * n, [Path(out) / str(i) for i in range(n)], log=print)
+        ensemble.prepare()
+        times = []
+        for epoch in (1, 2, 3):  # epoch 1: warm-up (capture)
+            t0 = time.perf_counter()
+            ensemble.train_epoch(epoch, max_steps=args.steps)  # reads the loss once: synchronises
+            steps = ensemble.batches.steps if args.steps is None else min(args.steps, ensemble.batches.steps)
+            times.append((time.perf_counter() - t0) * ensemble.batches.steps / steps)
+        used = "eager (capture failed)" if ensemble._graph_failed else ensemble.compile_mode
+    sec = float(np.median(times[1:]))
+    return {"mode": used, "s_per_epoch_all": sec, "img_per_s_all": n * ensemble.batches.steps * args.batch_size / sec}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,7 +130,10 @@ def main() -> None:
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--concurrent", type=int, default=0, help="also time N runs in lockstep on N CUDA streams (fit_many)")
-    parser.add_argument("--concurrent-mode", default="auto", help="--compile mode of the concurrent runs")
+    parser.add_argument("--concurrent-mode", default="auto", help="--compile mode of the concurrent runs and the ensemble")
+    parser.add_argument("--ensemble", type=int, default=0, help="also time N runs as one vectorised ensemble (fit_ensemble)")
+    parser.add_argument("--arch", default="resnet32", help="architecture (resnet8: quick CPU comparisons)")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N images (quick CPU comparisons)")
     args = parser.parse_args()
     if args.device == "cpu" and args.steps is None:
         args.steps = 5
@@ -119,7 +145,7 @@ def main() -> None:
             root = tmp
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
         n = sum(lt_class_counts(10, 5000, 100))
-        print(f"# {args.method}, CIFAR-10-LT ({n} images), batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, {name}")
+        print(f"# {args.method}, {args.arch}, CIFAR-10-LT ({min(n, args.max_train_samples or n)} images), batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, {name}")
         print(f"{'mode':<24} {'s/epoch':>9} {'img/s':>9} {'warm-up s':>10}")
         for mode in modes:
             r = measure(mode, args, root)
@@ -127,6 +153,10 @@ def main() -> None:
         if args.concurrent:
             r = measure_concurrent(args.concurrent, args, root)
             print(f"{args.concurrent} concurrent runs ({args.concurrent_mode}): {r['s_per_epoch_all']:.3f} s per epoch of all runs, "
+                  f"{r['img_per_s_all']:.0f} img/s in total", flush=True)
+        if args.ensemble:
+            r = measure_ensemble(args.ensemble, args, root)
+            print(f"ensemble of {args.ensemble} runs ({r['mode']}): {r['s_per_epoch_all']:.3f} s per epoch of all runs, "
                   f"{r['img_per_s_all']:.0f} img/s in total", flush=True)
 
 

@@ -10,6 +10,7 @@ Library use::
     print(result.summary["final"]["acc"], result.summary["final"]["tail_acc"])
 """
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_training_checkpoint, model_from_checkpoint
+from .ensemble import Ensemble, fit_ensemble, fit_ensembles, group_for_ensembles
 from .config import METHOD_DESCRIPTIONS, METHODS, TrainConfig, parse_override, resolve_config
 from .evaluation import class_groups, evaluate, tail_classes
 from .losses import LDAMLoss, VSLoss, WeightedCrossEntropy, build_loss, effective_number_weights, ldam_margins, vs_scales_and_offsets
@@ -26,6 +27,10 @@ __all__ = [
     "parse_override",
     "fit",
     "fit_many",
+    "fit_ensemble",
+    "fit_ensembles",
+    "group_for_ensembles",
+    "Ensemble",
     "Trainer",
     "FitResult",
     "CHECKPOINT_FORMAT",

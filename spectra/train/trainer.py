@@ -60,7 +60,7 @@ from .sam import global_grad_norm, sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
-__all__ = ["Trainer", "FitResult", "fit", "fit_many", "resolve_device"]
+__all__ = ["Trainer", "FitResult", "fit", "fit_many", "run_in_lockstep", "capture_step_graph", "resolve_device"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -114,6 +114,32 @@ class _StepState:
         """``(x/255 − mean)/std`` in float32 NCHW."""
         x = (self.x.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def capture_step_graph(step: Callable[[], None], state: list[torch.Tensor], log: Callable[[str], None]) -> Any:
+    """Capture ``step`` in a CUDA graph (``None`` when capture fails: train
+    eagerly). The warm-up steps that capture needs are undone (``state``, every
+    tensor the step changes, is restored), so training is unchanged."""
+    saved = [t.detach().clone() for t in state]
+    graph: Any = None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # capture is an optimisation: fall back to eager
+        graph = None
+        log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training eagerly")
+        torch.cuda.synchronize()
+    with torch.no_grad():
+        for t, v in zip(state, saved):
+            t.copy_(v)
+    return graph
 
 
 class Trainer:
@@ -314,29 +340,8 @@ class Trainer:
         return tensors
 
     def _capture(self) -> None:
-        """Capture ``_train_step`` in a CUDA graph. The warm-up steps that
-        capture needs are undone (state restored), so training is unchanged."""
-        tensors = self._snapshot()
-        saved = [t.detach().clone() for t in tensors]
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._train_step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._train_step()
-            self._graph = graph
-        except Exception as exc:  # capture is an optimisation: fall back to eager
-            self._graph_failed = True
-            self._graph = None
-            self.log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training eagerly")
-            torch.cuda.synchronize()
-        with torch.no_grad():
-            for t, v in zip(tensors, saved):
-                t.copy_(v)
+        self._graph = capture_step_graph(self._train_step, self._snapshot(), self.log)
+        self._graph_failed = self._graph is None
 
     # -------------------------------------------------------- an epoch
     def _begin_epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,7 +426,9 @@ class Trainer:
 
     # -------------------------------------------------- files and resume
     def _checkpoint(self, epoch: int) -> dict[str, Any]:
-        cpu = lambda sd: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}  # noqa: E731
+        # copy=True: a tensor may be a view into a larger storage (spectra.train.ensemble),
+        # and torch.save of a view would write that whole storage.
+        cpu = lambda sd: {k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}  # noqa: E731
         opt = self.optimizer.state_dict()
         opt["state"] = {k: cpu(v) for k, v in opt["state"].items()}
         opt["param_groups"] = [cpu(g) for g in opt["param_groups"]]
@@ -519,15 +526,17 @@ class Trainer:
         self.done = self.epoch > c.epochs
         self._bar = self._progress_bar()
 
-    def end_epoch(self, stats: dict[str, float]) -> None:
-        """Evaluate, log, checkpoint after ``self.epoch``; advance or finish."""
+    def end_epoch(self, stats: dict[str, float], over_time: bool | None = None) -> None:
+        """Evaluate, log, checkpoint after ``self.epoch``; advance or finish.
+        ``over_time`` overrides this run's own time-limit check (runs that must stop together)."""
         c, epoch = self.config, self.epoch
         if epoch > self.start_epoch or epoch == c.epochs:  # the first epoch includes capture/compile
             self._train_seconds += stats["epoch_time_s"]
             self._train_epochs += 1
         record: dict[str, Any] = {"epoch": epoch, **stats}
         final = epoch == c.epochs
-        over_time = c.time_limit_s is not None and time.perf_counter() - self._t_start > c.time_limit_s
+        if over_time is None:
+            over_time = c.time_limit_s is not None and time.perf_counter() - self._t_start > c.time_limit_s
         over_time = sd.any_rank(over_time)  # the ranks' clocks differ; all must stop after the same epoch
         sd.average_buffers(self.model)  # one model on every rank (BN running statistics drift apart)
         if self.dist.is_writer and (epoch % c.eval_every == 0 or final or over_time):
@@ -624,6 +633,43 @@ class Trainer:
         }
 
 
+def run_in_lockstep(runners: list[Any], device: torch.device) -> list[Any]:
+    """Drive ``runners`` (objects with Trainer's epoch protocol: ``begin``,
+    ``done``, ``epoch``, ``start_train_epoch``, ``train_step``,
+    ``finish_train_epoch``, ``end_epoch``, ``finish``) step by step in
+    lockstep, each on its own CUDA stream on ``device`` (alternating on the
+    CPU); returns their ``finish()`` results."""
+    streams = [torch.cuda.Stream(device=device) if device.type == "cuda" else None for _ in runners]
+
+    def on(stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    for r, st in zip(runners, streams):
+        with on(st):
+            r.begin()
+    while True:
+        active = [(r, st) for r, st in zip(runners, streams) if not r.done]
+        if not active:
+            break
+        steps = {}
+        for r, st in active:
+            with on(st):
+                steps[id(r)] = r.start_train_epoch(r.epoch)
+        for i in range(max(steps.values())):
+            for r, st in active:
+                if i < steps[id(r)]:
+                    with on(st):
+                        r.train_step(i)
+        for r, st in active:
+            with on(st):
+                r.end_epoch(r.finish_train_epoch())
+    results = []
+    for r, st in zip(runners, streams):
+        with on(st):
+            results.append(r.finish())
+    return results
+
+
 def fit_many(
     configs: list[TrainConfig], out_dirs: list[str | Path], resume: bool = False, log: Callable[[str], None] | None = None
 ) -> list[FitResult]:
@@ -636,36 +682,7 @@ def fit_many(
     devices = {t.device for t in trainers}
     if len(devices) != 1:
         raise ValueError(f"fit_many needs one device; got {sorted(map(str, devices))}")
-    on_cuda = next(iter(devices)).type == "cuda"
-    streams = [torch.cuda.Stream(device=t.device) if on_cuda else None for t in trainers]
-
-    def on(stream: Any) -> Any:
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    for t, st in zip(trainers, streams):
-        with on(st):
-            t.begin()
-    while True:
-        active = [(t, st) for t, st in zip(trainers, streams) if not t.done]
-        if not active:
-            break
-        steps = {}
-        for t, st in active:
-            with on(st):
-                steps[id(t)] = t.start_train_epoch(t.epoch)
-        for i in range(max(steps.values())):
-            for t, st in active:
-                if i < steps[id(t)]:
-                    with on(st):
-                        t.train_step(i)
-        for t, st in active:
-            with on(st):
-                t.end_epoch(t.finish_train_epoch())
-    results = []
-    for t, st in zip(trainers, streams):
-        with on(st):
-            results.append(t.finish())
-    return results
+    return run_in_lockstep(trainers, next(iter(devices)))
 
 
 def fit(config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> FitResult:
