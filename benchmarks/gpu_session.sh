@@ -37,8 +37,11 @@ if [ "${EIG_COMPILE:-0}" = 1 ]; then
     | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
 fi
 echo "== training speed"
-timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+timeout ${SPEED_TIMEOUT:-150} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
+echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
+timeout ${SPEED_TIMEOUT:-150} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
 echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
 timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
@@ -46,7 +49,7 @@ fi
 if [ "$PART" = table ]; then
 echo "== CIFAR-10-LT table (budget ${BUDGET}s)"
 timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out /tmp/table \
-  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" $EXTRA > "$OUT/table.log" 2>&1
+  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
 tail -20 "$OUT/table.log"; cat /tmp/table/results.md 2>/dev/null
 tar czf "$OUT/table.tgz" -C /tmp --exclude='*.pt' table 2>/dev/null
 fi

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifar_format_fixture import write_cifar10
-from test_train_runs import one_cpu_thread  # noqa: F401  (autouse: tiny convolutions on one thread)
 from spectra.train import METHODS, fit, fit_ensemble, group_for_ensembles, resolve_config
 from spectra.train.ensemble import StackedLoss
 from spectra.train.losses import build_loss

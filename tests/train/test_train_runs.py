@@ -13,16 +13,6 @@ from spectra.train import METHODS, fit, load_training_checkpoint, model_from_che
 TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0, lpf_samples=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny convolutions are fastest on one thread; on a shared, busy machine
-    several OpenMP threads per process slow these runs down 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cifar10_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
