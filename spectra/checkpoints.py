@@ -202,7 +202,37 @@ def _torch_load(path: Path, trust: bool, map_location: Any) -> Any:
                 f"{path} contains pickled Python objects ({shown}); loading it runs code from the file. "
                 f"Pass --trust-checkpoint (trust=True) only if you trust its source, or re-save it as a state_dict"
             ) from exc
+        kind = _foreign_file_kind(path)
+        if kind:
+            raise CheckpointError(f"cannot read checkpoint {path}: it is {kind}, not a PyTorch checkpoint") from exc
+        if "Weights only load failed" in str(exc):  # a legacy (non-zip) pickle: its objects cannot be listed
+            raise UntrustedCheckpointError(
+                f"{path} needs full unpickling (it holds objects beyond tensors and plain containers); loading it "
+                f"runs code from the file. Pass --trust-checkpoint (trust=True) only if you trust its source"
+            ) from exc
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({first_line(exc)})") from exc
+
+
+# Leading bytes of files passed as checkpoints by mistake.
+_SIGNATURES = ((b"\x89HDF\r\n\x1a\n", "an HDF5 file (a spectra results file?)"), (b"\x89PNG", "a PNG image"),
+               (b"%PDF", "a PDF document"))
+
+
+def _foreign_file_kind(path: Path) -> str | None:
+    """What a file torch.load refused evidently is (empty, HDF5, image, text), or None."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return None
+    if not head:
+        return "empty"
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return None
 
 
 def _is_tensor_mapping(obj: Any) -> bool:

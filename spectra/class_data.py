@@ -141,8 +141,13 @@ def _builtin_spec(options: DataOptions, recorded: dict[str, Any] | None) -> ds.D
         )
     base["split"] = options.split
     base["max_samples"] = None  # spectra caps per class instead
-    for key, value in (("imbalance_ratio", options.imbalance_ratio), ("profile", options.profile),
-                       ("seed", options.lt_seed)):
+    lt_options = (("imbalance_ratio", "--imbalance-ratio", options.imbalance_ratio),
+                  ("profile", "--profile", options.profile), ("seed", "--lt-seed", options.lt_seed))
+    given = [flag for _, flag, value in lt_options if value is not None]
+    if given and not str(base["name"]).endswith("-lt"):
+        raise AnalysisError(f"{'/'.join(given)} only apply to long-tailed data sets (cifar10-lt, cifar100-lt); "
+                            f"{base['name']!r} is balanced")
+    for key, _, value in lt_options:
         if value is not None:
             base[key] = value
     # Root: the option, else $SPECTRA_DATA_ROOT / the default, unless the
@@ -190,7 +195,9 @@ def _user_source(factory: str, split: str) -> SampleSource:
         def fetch(positions: torch.Tensor) -> torch.Tensor:
             return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in positions])
     labels = torch.as_tensor(labels).long().reshape(-1)
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    if len(labels) == 0:
+        raise AnalysisError(f"the data set factory {factory!r} returned no samples")
+    num_classes = int(labels.max()) + 1
     names = [str(n) for n in names_attr] if isinstance(names_attr, (list, tuple)) else [str(c) for c in range(num_classes)]
     description = {"factory": factory, "split": split}
     return SampleSource(description=description, identity=dict(description), labels=labels,

@@ -17,6 +17,7 @@ stays the balanced official one.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -235,6 +236,10 @@ class DatasetSpec:
         if self.root is not None:
             self.root = str(self.root)
         self.imbalance_ratio = float(self.imbalance_ratio)
+        if not (math.isfinite(self.imbalance_ratio) and self.imbalance_ratio >= 1):
+            raise ValueError(f"the imbalance ratio must be a finite number >= 1, got {self.imbalance_ratio}")
+        if not 0 <= int(self.seed) < 2 ** 32:
+            raise ValueError(f"the long-tail selection seed (--lt-seed) must be in [0, 2**32), got {self.seed}")
 
     @property
     def base(self) -> str:
@@ -387,7 +392,12 @@ def load_user_dataset(spec: str, **kwargs: Any) -> Any:
     wrapped in a ``TensorDataset``.
     """
     factory = import_callable(spec, "data set", "package.module:function")
-    result = factory(**kwargs)
+    try:
+        result = factory(**kwargs)
+    except Exception as exc:  # the user's code: say whose error it is, in one line
+        lines = str(exc).strip().splitlines()
+        raise ValueError(f"the data set factory {spec!r} raised {type(exc).__name__}"
+                         + (f": {lines[0]}" if lines else "")) from exc
     if isinstance(result, torch.utils.data.Dataset):
         return result
     if isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result):

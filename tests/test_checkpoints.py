@@ -222,3 +222,24 @@ def test_strip_prefixes_only_when_all_keys_have_them():
     assert list(strip_wrapper_prefixes({"module._orig_mod.a": t, "module._orig_mod.b": t})) == ["a", "b"]
     mixed = collections.OrderedDict([("module.a", t), ("b", t)])
     assert list(strip_wrapper_prefixes(mixed)) == ["module.a", "b"]
+
+
+def test_foreign_files_are_named_in_the_error(tmp_path):
+    """Files passed as checkpoints by mistake get a message that says what they are."""
+    import h5py
+
+    text = tmp_path / "notes.pt"
+    text.write_text("epoch 3: loss 0.1\n")
+    with pytest.raises(CheckpointError, match="it is a text file, not a PyTorch checkpoint"):
+        load_checkpoint(text, arch="resnet20")
+    results = tmp_path / "results.h5"
+    with h5py.File(results, "w") as fh:
+        fh["x"] = [1.0]
+    with pytest.raises(CheckpointError, match="it is an HDF5 file") as err:
+        load_checkpoint(results, arch="resnet20")
+    assert "weights_only" not in str(err.value)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, legacy,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint"):
+        load_checkpoint(legacy, arch="resnet20")

@@ -60,6 +60,17 @@ def test_user_dataset_factory(tmp_path, monkeypatch, env):
     assert data.num_samples == 4 and data.targets.tolist() == [2] * 4
     torch.testing.assert_close(data.inputs, inputs[torch.arange(12) % 3 == 2])  # as given: no normalisation
     assert cache.source(checkpoint).description == {"factory": "my_data_mod:make", "split": "train"}
+    (tmp_path / "my_empty_mod.py").write_text("import torch\ndef make():\n    return torch.zeros(0, 3), torch.zeros(0)\n")
+    with pytest.raises(AnalysisError, match="'my_empty_mod:make' returned no samples"):
+        DataCache(DataOptions(dataset="my_empty_mod:make")).source(checkpoint)
+
+
+def test_long_tail_options_on_a_balanced_data_set_are_refused(env):
+    """--imbalance-ratio / --profile / --lt-seed would be recorded but have no effect on a balanced set."""
+    checkpoint = load_checkpoint(env["run"][0])
+    cache = DataCache(DataOptions(dataset="cifar10", root=str(env["root"]), imbalance_ratio=50.0, profile="step"))
+    with pytest.raises(AnalysisError, match="--imbalance-ratio/--profile only apply to long-tailed data sets"):
+        cache.source(checkpoint)
 
 
 def test_data_cache_identity_ignores_root(env):

@@ -100,6 +100,10 @@ def test_dataset_spec_round_trip_and_validation():
     json.dumps(spec.to_dict())
     with pytest.raises(ValueError, match="unknown data set"):
         DatasetSpec("mnist")
+    with pytest.raises(ValueError, match="imbalance ratio must be a finite number >= 1, got nan"):
+        DatasetSpec("cifar10-lt", imbalance_ratio=float("nan"))
+    with pytest.raises(ValueError, match=r"--lt-seed\) must be in \[0, 2\*\*32\), got -1"):
+        DatasetSpec("cifar10-lt", seed=-1)
 
 
 def test_load_dataset_lt_train_and_balanced_test(tmp_path):
@@ -173,6 +177,12 @@ def test_load_user_dataset():
         load_user_dataset(f"{mod}:missing")
     with pytest.raises(ValueError, match="expected a torch Dataset"):
         load_user_dataset(f"{mod}:_bad_factory")
+    with pytest.raises(ValueError, match=r"the data set factory '.*:_raising_factory' raised KeyError: 'boom'"):
+        load_user_dataset(f"{mod}:_raising_factory")
+
+
+def _raising_factory():
+    raise KeyError("boom")
 
 
 @pytest.mark.skipif(not (SHARED / "train_labels.npy").exists(), reason="needs /work/shared/data/cifar10")
