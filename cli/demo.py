@@ -12,10 +12,10 @@ __all__ = ["demo"]
 @click.option("--out", "out_dir", default="spectra-demo", type=click.Path(file_okay=False),
               help="Folder for data/, runs/, results.h5, ratio.png and density.png (a rerun reuses what is there).")
 @click.option("--quick", is_flag=True, help="Reduced setting (3 epochs, 200 images, 3 classes): about half a minute.")
-@click.option("--epochs", type=int, default=None, help="Training epochs [default: 12; --quick: 3].")
-@click.option("--samples-per-class", type=int, default=None,
+@click.option("--epochs", type=int, default=None, help="Training epochs, at least 2 [default: 12; --quick: 3].")
+@click.option("--samples-per-class", type=click.IntRange(min=1), default=None,
               help="Samples of each class in its Hessian [default: 24; --quick: 8].")
-@click.option("--threads", type=int, default=None,
+@click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads [default: 1; more helps only on idle cores].")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 def demo(out_dir: str, quick: bool, epochs: int | None, samples_per_class: int | None, threads: int | None,
@@ -26,11 +26,15 @@ def demo(out_dir: str, quick: bool, epochs: int | None, samples_per_class: int |
 
     Example: spectra demo --out demo && open demo/ratio.png
     """
-    from spectra.demo import DemoConfig, DemoError, run_demo
+    from spectra.demo import MIN_EPOCHS, DemoConfig, DemoError, run_demo
+    from spectra.store import StoreError
 
     config = DemoConfig.quick() if quick else DemoConfig()
     changes: dict = {}
     if epochs is not None:
+        if epochs < MIN_EPOCHS:
+            raise click.ClickException(f"the demo needs --epochs >= {MIN_EPOCHS}: DRW switches on half-way, after "
+                                       f"drw_epoch = epochs // 2 >= 1 epochs, before the last one; got --epochs {epochs}")
         # Keep the schedule's shape: DRW from half-way, lr decay at three quarters,
         # every other epoch analysed (always the last).
         changes.update(epochs=epochs, drw_epoch=max(1, epochs // 2), lr_decay_epoch=max(1, (3 * epochs) // 4),
@@ -38,15 +42,13 @@ def demo(out_dir: str, quick: bool, epochs: int | None, samples_per_class: int |
     if samples_per_class is not None:
         changes["samples_per_class"] = samples_per_class
     if threads is not None:
-        if threads < 1:
-            raise click.ClickException("--threads must be >= 1")
         changes["threads"] = threads
     try:
         if changes:
             config = config.replace(**changes)
         result = run_demo(out_dir, config, progress=progress,
                           log=lambda msg: click.echo(msg, err=True))
-    except (DemoError, ValueError, FileNotFoundError, OSError) as exc:
+    except (DemoError, StoreError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()
         raise click.ClickException(text[0] if text else type(exc).__name__) from None
     click.echo(f"wrote {result.results}, {result.ratio_png}, {result.density_png} "

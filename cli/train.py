@@ -35,12 +35,12 @@ def _methods_help() -> str:
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Folder containing cifar-10-batches-py / cifar-100-python (default: $SPECTRA_DATA_ROOT or ~/.cache/spectra/data).")
 @click.option("--download", is_flag=True, help="Fetch the official CIFAR archive into --data-root first (needs internet).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, metrics.jsonl, summary.json).")
-@click.option("--epochs", type=int, default=None, help="Epochs [default: 200]. LR decays and DRW scale with it unless set with --set.")
-@click.option("--save-every", type=int, default=None, help="Keep a checkpoint every N epochs (also epoch 1 and the last) [default: 10].")
-@click.option("--eval-every", type=int, default=None, help="Evaluate on the test set every N epochs [default: 1].")
-@click.option("--seed", type=int, default=None, help="Seed of model init, shuffling and augmentation [default: 0].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs [default: 200]. LR decays and DRW scale with it unless set with --set.")
+@click.option("--save-every", type=click.IntRange(min=1), default=None, help="Keep a checkpoint every N epochs (also epoch 1 and the last) [default: 10].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate on the test set every N epochs [default: 1].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of model init, shuffling and augmentation [default: 0].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 or auto [default: auto].")
-@click.option("--batch-size", type=int, default=None, help="[default: 128]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 128]")
 @click.option("--lr", type=float, default=None, help="Base learning rate [default: 0.1].")
 @click.option("--weight-decay", type=float, default=None, help="[default: 2e-4]")
 @click.option("--rho", type=float, default=None, help="SAM radius (preset default per data set).")
@@ -50,12 +50,13 @@ def _methods_help() -> str:
               help="Speed-up: graphs = CUDA-graph capture of the whole step, inductor = torch.compile, max = both; auto = graphs on CUDA, off on CPU.")
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default=None, help="bf16 autocast [default: off].")
 @click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format.")
-@click.option("--spectra-every", type=int, default=None, help="Per-class Hessian λmax/λmin every N epochs into results.h5 (the schema of spectra sweep) and spectra.jsonl (0: off).")
+@click.option("--spectra-every", type=click.IntRange(min=0), default=None, help="Per-class Hessian λmax/λmin every N epochs into results.h5 (the schema of spectra sweep) and spectra.jsonl (0: off).")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun on GPUs: SyncBatchNorm (statistics of the global batch instead of each rank's rows).")
-@click.option("--max-train-samples", type=int, default=None, help="Train on about N images (every class kept): quick checks.")
-@click.option("--max-test-samples", type=int, default=None, help="Evaluate on about N test images.")
-@click.option("--time-limit-s", type=float, default=None, help="Stop cleanly after the epoch that passes this many seconds.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any setting of spectra.train.TrainConfig, e.g. --set vs_gamma=0.2 --set lr_milestones=[100,150].")
+@click.option("--max-train-samples", type=click.IntRange(min=1), default=None, help="Train on about N images (every class kept): quick checks.")
+@click.option("--max-test-samples", type=click.IntRange(min=1), default=None, help="Evaluate on about N test images.")
+@click.option("--time-limit-s", type=float, default=None, help="Stop cleanly after the epoch that passes this many seconds (> 0).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any setting of spectra.train.TrainConfig, e.g. --set vs_gamma=0.2 --set lr_milestones=[100,150]. "
+                   "A setting that has its own option (--lr, --epochs, ...) is given once: with both, it is an error.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar (loss, accuracy, images/s).")
 def train(method: str, dataset: str, data_root: str | None, download: bool, out_dir: str, overrides: tuple[str, ...], resume: bool, progress: bool, **options: Any) -> None:
@@ -63,41 +64,69 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
 
     Example: spectra train --method ce-drw-sam --dataset cifar10-lt --data-root DIR --out runs/ce-drw-sam
     """
-    from spectra.train.trainer import fit
+    from spectra.store import StoreError
+    from spectra.train.trainer import existing_run_files, fit
 
-    settings: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    if "compile_mode" in settings:
-        settings["compile"] = settings.pop("compile_mode")
+    options.update(data_root=str(Path(data_root).expanduser()) if data_root is not None else None, progress=progress)
     try:
-        for text in overrides:
-            key, value = parse_override(text)
-            settings[key] = value
-        if data_root is not None:
-            settings["data_root"] = str(Path(data_root).expanduser())
-        settings["progress"] = progress
-        config = resolve_config(method, dataset, **settings)
+        config = resolve_config(method, dataset, **_settings(click.get_current_context(), options, overrides))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     out = Path(out_dir)
-    if not resume and (out / "last.pt").exists():
-        raise click.ClickException(f"{out} already holds a run (last.pt); pass --resume to continue it or choose another --out")
+    if not resume and existing_run_files(out):
+        found = existing_run_files(out)
+        raise click.ClickException(f"{out} already holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
+                                   "pass --resume to continue it or choose another --out")
     try:
         if download and _rank_zero():  # the others wait for it in the group's rendezvous
             download_cifar(dataset, config.data_root)
         with sd.distributed_session(device=None if config.device == "auto" else config.device) as ctx:
             result = fit(config, out, resume=resume, log=lambda msg: click.echo(msg, err=True))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, StoreError) as exc:
         if not _rank_zero():
             raise SystemExit(1) from None  # rank 0 reports it
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if not ctx.is_writer:
         return
-    s = result.summary
-    final, best = s["final"], s["best"] or {}
-    tail = ",".join(str(c) for c in s["tail_classes"])
-    click.echo(
-        f"{method} on {dataset}: epoch {s['epochs_completed']}/{s['epochs_planned']}, test acc {final.get('acc', float('nan')):.2f}%, "
-        f"tail acc {final.get('tail_acc') if final.get('tail_acc') is None else format(final['tail_acc'], '.2f')}% (classes {tail}); "
-        f"best {best.get('acc', float('nan')):.2f}% at epoch {best.get('epoch')}; "
-        f"{s['seconds_per_epoch'] or float('nan'):.2f} s/epoch; run in {os.fspath(out)}"
-    )
+    click.echo(_result_line(method, dataset, result.summary, out, result.already_complete))
+
+
+# Settings that have an option of their own (option parameter name -> setting).
+_OPTION_SETTINGS = {"compile_mode": "compile"}
+
+
+def _settings(ctx: click.Context, options: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The options the user gave plus the ``--set`` overrides, as TrainConfig
+    settings. A setting given both ways is an error, whatever the order."""
+    explicit: dict[str, str] = {}  # setting -> how the user gave it
+    settings: dict[str, Any] = {}
+    for name, value in options.items():
+        key = _OPTION_SETTINGS.get(name, name)
+        source = ctx.get_parameter_source(name)
+        if value is not None:
+            settings[key] = value
+        if source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
+            param = next(p for p in ctx.command.params if p.name == name)
+            if isinstance(value, bool):  # a flag: --progress / --no-progress
+                explicit[key] = param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
+            else:
+                explicit[key] = f"{param.opts[0]} {value}"
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in explicit:
+            raise ValueError(f"--set {text} conflicts with {explicit[key]}: give {key} once")
+        explicit[key] = f"--set {text}"
+        settings[key] = value
+    return settings
+
+
+def _result_line(method: str, dataset: str, s: dict[str, Any], out: Path, already_complete: bool) -> str:
+    """The one-line report of a finished (or already complete) run."""
+    final, best = s.get("final") or {}, s.get("best") or {}
+    tail = ",".join(str(c) for c in s.get("tail_classes", []))
+    pct = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
+    head = (f"{method} on {dataset}: run already complete (epoch {s['epochs_completed']}/{s['epochs_planned']}), nothing to train"
+            if already_complete else f"{method} on {dataset}: epoch {s['epochs_completed']}/{s['epochs_planned']}")
+    speed = f"; {s['seconds_per_epoch']:.2f} s/epoch" if s.get("seconds_per_epoch") else ""
+    return (f"{head}, test acc {pct(final.get('acc'))}, tail acc {pct(final.get('tail_acc'))} (classes {tail}); "
+            f"best {pct(best.get('acc'))} at epoch {best.get('epoch')}{speed}; run in {os.fspath(out)}")

@@ -41,6 +41,7 @@ __all__ = [
     "DemoConfig",
     "DemoResult",
     "DemoError",
+    "MIN_EPOCHS",
     "sample_path",
     "load_sample",
     "write_cifar_batches",
@@ -53,6 +54,9 @@ DEMO_ARCH = "resnet8"  # spectra.models registry
 # The two methods compared, as run-folder names (= training presets).
 METHODS = ("ce-drw", "ce-drw-sam")
 _BATCHES_FOLDER = "cifar-10-batches-py"
+# Fewest epochs of a demo: DRW switches on after drw_epoch >= 1 completed epochs,
+# before the last one.
+MIN_EPOCHS = 2
 
 
 class DemoError(RuntimeError):
@@ -201,6 +205,19 @@ def write_cifar_batches(sample: dict[str, np.ndarray], root: str | Path) -> Path
 
 
 # ---------------------------------------------------------------- the stages
+def _check_results_file(results: Path) -> None:
+    """Open and close ``results`` as the demo's results writer: a file that is
+    not a spectra results file, or one another process is writing, is a
+    :class:`DemoError` before any work (an existing results file is kept)."""
+    from .store import ResultsWriter, StoreError
+
+    try:
+        with ResultsWriter(results):
+            pass
+    except StoreError as exc:
+        raise DemoError(f"{str(exc).splitlines()[0]}; remove it or choose another --out") from None
+
+
 def _train_configs(config: DemoConfig, data_root: Path, progress: bool) -> dict[str, Any]:
     from .train import resolve_config
 
@@ -328,6 +345,9 @@ def _run(out: str | Path, config: DemoConfig, progress: bool, log: Callable[[str
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
+    results = out / "results.h5"
+    _check_results_file(results)  # a foreign or locked file fails now, not after training
+
     log(f"[1/4] data: writing the CIFAR-10 sample into {out / 'data'}")
     arrays = load_sample(sample)
     data_root = out / "data"
@@ -341,7 +361,6 @@ def _run(out: str | Path, config: DemoConfig, progress: bool, log: Callable[[str
     summaries = _train(config, data_root, runs_dir, progress, log)
     timings["train"] = time.perf_counter() - t
 
-    results = out / "results.h5"
     checkpoints = [runs_dir / m / f"ckpt_epoch{e:04d}.pt" for m in METHODS for e in sorted(set(config.sweep_epochs))]
     classes: Any = "all" if config.classes is None else list(config.classes)
     log(f"[3/4] per-class Hessians: λmax, λmin of {len(checkpoints)} checkpoints × "

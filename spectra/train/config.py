@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "METHODS", "METHOD_DESCRIPTIONS", "resolve_config", "parse_override"]
+__all__ = ["TrainConfig", "METHODS", "METHOD_DESCRIPTIONS", "PRESET_KEYS", "resolve_config", "parse_override"]
 
 
 @dataclass
@@ -104,7 +107,11 @@ class TrainConfig:
         return cls(**d)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with a one-line message on an impossible setting."""
+        """Raise ``ValueError`` with a one-line message on an impossible setting:
+        a value of the wrong type, a non-finite number, or one out of its range."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
         choices = {
             "loss": ("ce", "ldam", "vs"),
             "optimizer": ("sgd", "sam", "pgd", "lpf"),
@@ -117,14 +124,44 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        positive = ("epochs", "batch_size", "eval_every", "eval_batch_size", "save_every", "lpf_samples", "pgd_interval")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name, (low, low_open, high, high_open) in _RANGES.items():
+            value = getattr(self, name)
+            if value is None:  # only nullable fields reach here with None (types checked above)
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                _check_range(name, item, low, low_open, high, high_open)
         if len(self.lr_factors) != len(self.resolved_lr_milestones()):
             raise ValueError("lr_factors and lr_milestones must have the same length")
-        if self.rho < 0 or self.lr <= 0:
-            raise ValueError("rho must be >= 0 and lr > 0")
+
+
+# Allowed ranges: name -> (low, low excluded, high, high excluded); None = unbounded.
+# Lists (lr_milestones, lr_factors) are checked element-wise; None values are skipped.
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    **{name: (1, False, None, False) for name in (
+        "epochs", "batch_size", "eval_every", "eval_batch_size", "save_every", "lpf_samples", "pgd_interval",
+        "max_train_samples", "max_test_samples", "spectra_samples_per_class", "spectra_batch_size",
+        "spectra_max_iter", "imbalance_ratio")},
+    **{name: (0, False, None, False) for name in (
+        "data_seed", "seed", "warmup_epochs", "drw_epoch", "lr_milestones", "lr_factors", "weight_decay", "rho",
+        "pgd_radius", "pgd_grad_threshold", "lpf_sigma", "spectra_every", "vs_gamma", "vs_tau")},
+    **{name: (0, True, None, False) for name in ("lr", "time_limit_s", "ldam_max_margin", "ldam_scale")},
+    "momentum": (0, False, 1, True),
+    "drw_beta": (0, False, 1, True),
+    "tail_fraction": (0, True, 1, False),
+}
+
+
+def _check_range(name: str, value: float, low: float | None, low_open: bool, high: float | None,
+                 high_open: bool) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {high}")
+        raise ValueError(f"{name} must be {' and '.join(parts)}; got {value}")
 
 
 # Per-method settings on top of the defaults. "rho" is per data-set family
@@ -169,6 +206,9 @@ def resolve_config(method: str, dataset: str = "cifar10-lt", **overrides: Any) -
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    preset = sorted(set(overrides) & set(PRESET_KEYS))
+    if preset:
+        raise ValueError(f"{', '.join(preset)} chooses the preset: pass it as resolve_config's own argument, not as a setting")
     values: dict[str, Any] = {"method": method, "dataset": dataset}
     for key, value in METHODS[method].items():
         values[key] = value[_family(dataset)] if isinstance(value, dict) else value
@@ -183,16 +223,112 @@ _NULLABLE_OVERRIDES = {"pgd_grad_threshold", "time_limit_s", "lr_milestones", "d
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"key=value"`` → ``(key, value)``, the value parsed as JSON when it is
-    valid JSON (numbers, true/false, null, lists), else kept as a string."""
+    """``"key=value"`` → ``(key, value)``, the value parsed by the type of the
+    setting: numbers as numbers (finite only), ``true``/``false`` for flags,
+    lists as JSON lists (``[100,150]``), ``null``/``none`` for settings that
+    may be None, anything else as a string. Raises ``ValueError`` (one line,
+    naming the key) on an unknown key or a value of the wrong type."""
     key, sep, raw = text.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not key:
         raise ValueError(f"bad override {text!r}; expected key=value")
     if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
         raise ValueError(f"unknown training setting {key!r} in {text!r}")
+    if key in PRESET_KEYS:
+        raise ValueError(f"--set {key}=...: {key} chooses the preset; set it with --{key}, not --set")
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
+        value = _parse_value(raw.strip(), _field_types()[key])
+        _check_type(key, value, _field_types()[key])
+    except ValueError as exc:
+        raise ValueError(f"--set {key}={raw}: {exc}") from None
     return key, value
+
+
+# Settings that resolve_config takes as its own arguments (they choose the preset).
+PRESET_KEYS = ("method", "dataset")
+
+
+def _field_types() -> dict[str, Any]:
+    """Field name → its type (``int``, ``float | None``, ``list[int] | None``, ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` → ``(X, True)``; ``X`` → ``(X, False)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    base, nullable = _split_optional(tp)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if typing.get_origin(base) is list:
+        text = f"a list of {names[typing.get_args(base)[0]].split(' ', 1)[1]}s, e.g. [1,2]"
+    else:
+        text = names.get(base, str(base))
+    return text + (" or null" if nullable else "")
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """The text of ``--set key=raw`` as a value of type ``tp`` (see :func:`parse_override`)."""
+    base, nullable = _split_optional(tp)
+    if nullable and raw.lower() in ("null", "none"):
+        return None
+    if base is str:
+        return raw
+    if base is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"expected {_type_name(tp)}")
+    if typing.get_origin(base) is list:
+        try:
+            items = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"expected {_type_name(tp)}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"expected {_type_name(tp)}")
+        element = typing.get_args(base)[0]
+        return [_parse_value(str(item), element) if not isinstance(item, (int, float)) or isinstance(item, bool)
+                else _number(item, element, tp) for item in items]
+    try:
+        number = float(raw) if base is float else int(raw)
+    except ValueError:
+        raise ValueError(f"expected {_type_name(tp)}") from None
+    return _number(number, base, tp)
+
+
+def _number(value: float, element: Any, tp: Any) -> float | int:
+    if element is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected {_type_name(tp)}")
+        return int(value)
+    return float(value)
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    """``ValueError`` unless ``value`` has type ``tp``; floats must be finite."""
+    base, nullable = _split_optional(tp)
+    if value is None:
+        if not nullable:
+            raise ValueError(f"{name} must be {_type_name(tp)}; got None")
+        return
+    elements = value if typing.get_origin(base) is list else [value]
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{name} must be {_type_name(tp)}; got {value!r}")
+        base = typing.get_args(base)[0]
+    for item in elements:
+        if base is float:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+            if ok and not math.isfinite(item):
+                raise ValueError(f"{name} must be a finite number; got {item}")
+        elif base is int:
+            ok = isinstance(item, int) and not isinstance(item, bool)
+        else:
+            ok = isinstance(item, base)
+        if not ok:
+            raise ValueError(f"{name} must be {_type_name(tp)}; got {item!r}")

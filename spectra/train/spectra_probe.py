@@ -19,7 +19,7 @@ class's samples, the operator all-reduces, and rank 0 alone writes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -29,9 +29,22 @@ from ..class_data import DataCache, DataOptions
 from ..store import ResultRecord
 from ..sweep import open_writer_on_rank_zero
 
-__all__ = ["PerClassSpectra", "RESULTS_FILE"]
+__all__ = ["PerClassSpectra", "ProbeEvent", "RESULTS_FILE"]
 
 RESULTS_FILE = "results.h5"
+
+
+class ProbeEvent(NamedTuple):
+    """Progress of a probe: class ``class_index`` of ``num_classes`` has started
+    (``status="start"``), is ``"done"`` (``record`` set) or was ``"skipped"``
+    (``reason``: no samples, or a diverged model)."""
+
+    class_index: int
+    num_classes: int
+    class_name: str
+    status: str
+    record: ResultRecord | None = None
+    reason: str = ""
 
 
 class PerClassSpectra:
@@ -52,22 +65,36 @@ class PerClassSpectra:
         self.cache = DataCache(DataOptions(root=data_root, split="train", max_samples=samples_per_class,
                                            batch_size=batch_size, device=str(device)))
 
-    def __call__(self, checkpoint: LoadedCheckpoint) -> list[ResultRecord]:
-        """Analyse every class that has samples; store the records (rank 0)."""
+    def check_results_file(self) -> None:
+        """Open and close the results file (rank 0): a foreign, unreadable or
+        locked file raises ``StoreError`` here, before training starts."""
+        with open_writer_on_rank_zero(self.results):
+            pass
+
+    def __call__(self, checkpoint: LoadedCheckpoint,
+                 on_class: Callable[[ProbeEvent], None] | None = None) -> list[ResultRecord]:
+        """Analyse every class that has samples; store the records (rank 0).
+        ``on_class`` hears of each class as it starts and ends (progress: one
+        class's Lanczos runs can take minutes)."""
         source = self.cache.source(checkpoint)
         identity = self.cache.identity(checkpoint)
+        tell = on_class or (lambda event: None)
+        n = len(source.class_names)
         records = []
         with open_writer_on_rank_zero(self.results) as writer:
-            for c in range(len(source.class_names)):
+            for c, name in enumerate(source.class_names):
+                tell(ProbeEvent(c, n, str(name), "start"))
                 try:
                     data = self.cache.class_data(checkpoint, c)
                     record = analyse_class(checkpoint, data, self.settings, self.device, self.batch_size,
                                            source.description, identity, source.class_counts)
-                except AnalysisError:  # no samples, or a diverged model: the same on every rank
+                except AnalysisError as exc:  # no samples, or a diverged model: the same on every rank
+                    tell(ProbeEvent(c, n, str(name), "skipped", reason=str(exc).splitlines()[0] if str(exc) else ""))
                     continue
                 if writer is not None:
                     writer.write(record)
                 records.append(record)
+                tell(ProbeEvent(c, n, str(name), "done", record))
         return records
 
     @staticmethod

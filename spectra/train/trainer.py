@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 import warnings
@@ -60,7 +61,8 @@ from .sam import global_grad_norm, sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
-__all__ = ["Trainer", "FitResult", "fit", "fit_many", "run_in_lockstep", "capture_step_graph", "resolve_device"]
+__all__ = ["Trainer", "FitResult", "TrainingDiverged", "fit", "fit_many", "run_in_lockstep", "capture_step_graph",
+           "resolve_device", "existing_run_files"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -85,11 +87,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss (or a weight) became NaN or infinite; the message is one line."""
+
+
+def existing_run_files(out_dir: str | Path) -> list[str]:
+    """Names of the files of a training run in ``out_dir`` (checkpoints,
+    ``last.pt``, ``metrics.jsonl``, ``summary.json``), sorted; [] for none."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    names = {"last.pt", "metrics.jsonl", "summary.json"}
+    return sorted(p.name for p in folder.iterdir() if p.name in names or p.name.startswith("ckpt_") and p.suffix == ".pt")
+
+
 @dataclass
 class FitResult:
     out_dir: Path
     summary: dict[str, Any]
     model: nn.Module
+    already_complete: bool = False  # resumed a run that had finished: nothing trained, summary as stored
 
 
 class _StepState:
@@ -402,10 +419,13 @@ class Trainer:
 
     def finish_train_epoch(self) -> dict[str, float]:
         s, steps = self.state, self._steps
-        totals = torch.stack([s.loss_sum.double(), s.correct.double()])
+        # Σ ||w|| is finite iff every weight is: read with the epoch's totals (no extra host sync).
+        weight_norms = torch.stack(torch._foreach_norm(self.params)).sum().double()
+        totals = torch.stack([s.loss_sum.double(), s.correct.double(), weight_norms])
         if self.dist.is_distributed:
             dist.all_reduce(totals)  # Σ over ranks (on the GPU with NCCL, the CPU with gloo)
-        loss_sum, correct = totals.tolist()  # synchronises once per epoch
+        loss_sum, correct, weight_norm = totals.tolist()  # synchronises once per epoch
+        self._weights_finite = math.isfinite(weight_norm)
         loss = loss_sum / (steps * self.dist.world_size)
         acc = 100.0 * correct / (steps * self.config.batch_size)
         seconds = time.perf_counter() - self._t_epoch
@@ -509,27 +529,31 @@ class Trainer:
     def begin(self) -> None:
         """Write ``config.json``, create gradients and the optional spectra probe."""
         c = self.config
-        if self.dist.is_writer:
+        self.already_complete = self.start_epoch > c.epochs  # resumed a finished run: keep its files as they are
+        if self.dist.is_writer and not self.already_complete:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out_dir / "config.json", c.to_dict())
         self.prepare()
         self._probe = None
-        if c.spectra_every:
+        if c.spectra_every and not self.already_complete:
             from .spectra_probe import RESULTS_FILE, PerClassSpectra
 
             self._probe = PerClassSpectra(self.out_dir / RESULTS_FILE, self.device, c.data_root, c.spectra_samples_per_class,
                                           c.spectra_batch_size, max_iter=c.spectra_max_iter)
+            self._probe.check_results_file()  # a foreign or locked results.h5 fails now, not after an epoch
         self._t_start = time.perf_counter()
         self._train_seconds, self._train_epochs = 0.0, 0
         self._stopped_early = False
+        self._weights_finite = True  # of the last epoch trained (finish_train_epoch)
         self.epoch = self.start_epoch
         self.done = self.epoch > c.epochs
-        self._bar = self._progress_bar()
+        self._bar = None if self.done else self._progress_bar()
 
     def end_epoch(self, stats: dict[str, float], over_time: bool | None = None) -> None:
         """Evaluate, log, checkpoint after ``self.epoch``; advance or finish.
         ``over_time`` overrides this run's own time-limit check (runs that must stop together)."""
         c, epoch = self.config, self.epoch
+        self._check_finite(stats)
         if epoch > self.start_epoch or epoch == c.epochs:  # the first epoch includes capture/compile
             self._train_seconds += stats["epoch_time_s"]
             self._train_epochs += 1
@@ -555,7 +579,7 @@ class Trainer:
                 atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
             atomic_torch_save(self.out_dir / "last.pt", ckpt)
         if probe:
-            records = self._probe(self._saved_checkpoint(epoch))
+            records = self._probe(self._saved_checkpoint(epoch), on_class=self._probe_progress(epoch))
             self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe.summary(records)})
         if self.dist.is_writer:
             self._report(self._bar, record)
@@ -564,6 +588,39 @@ class Trainer:
             self._stopped_early = True
             self.log(f"[{c.method}] time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
         self.done = final or over_time
+
+    def _check_finite(self, stats: dict[str, float]) -> None:
+        """Stop with :class:`TrainingDiverged` when the epoch's loss or weights are
+        NaN/inf, before anything of that epoch is written (the checkpoints of the
+        earlier epochs and ``last.pt`` stay as they are)."""
+        loss = stats["train_loss"]
+        if math.isfinite(loss) and self._weights_finite:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became NaN or infinite"
+        kept = (f"last.pt (epoch {self.epoch - 1}) and the earlier checkpoints kept in {self.out_dir}" if self.epoch > 1
+                else "no checkpoint written")
+        raise TrainingDiverged(f"[{self.config.method}] {what} in epoch {self.epoch} (lr {self.current_lr:g}); "
+                               f"training stopped, {kept}; try a smaller --lr")
+
+    def _probe_progress(self, epoch: int) -> Callable[[Any], None]:
+        """Per-class progress of the spectra probe: the bar's postfix, or one log line per class."""
+        bar = self._bar
+
+        def show(event: Any) -> None:
+            where = f"class {event.class_index + 1}/{event.num_classes} ({event.class_name})"
+            if bar is not None:
+                if event.status == "start":
+                    bar.set_postfix_str(f"epoch {epoch} spectra: {where}", refresh=True)
+                return
+            if event.status == "done":
+                top, bottom = event.record.arrays["top"][0], event.record.arrays["bottom"][0]
+                self.log(f"[{self.config.method}] epoch {epoch} spectra {where}: λmax {top:.4g} λmin {bottom:.4g}")
+            elif event.status == "skipped":
+                self.log(f"[{self.config.method}] epoch {epoch} spectra {where}: skipped ({event.reason})")
+
+        return show
 
     def _saved_checkpoint(self, epoch: int) -> Any:
         """The in-memory model as the checkpoint file of ``epoch`` just written
@@ -583,10 +640,22 @@ class Trainer:
         """Write ``summary.json`` (rank 0)."""
         if self._bar is not None:
             self._bar.close()
+        if self.already_complete:
+            stored = self._stored_summary()
+            if stored is not None:
+                return FitResult(self.out_dir, stored, self.model, already_complete=True)
         summary = self._summary(self.epoch - 1, time.perf_counter() - self._t_start, self._train_seconds, self._train_epochs, self._stopped_early)
         if self.dist.is_writer:
             atomic_write_json(self.out_dir / "summary.json", summary)
-        return FitResult(self.out_dir, summary, self.model)
+        return FitResult(self.out_dir, summary, self.model, already_complete=self.already_complete)
+
+    def _stored_summary(self) -> dict[str, Any] | None:
+        """``summary.json`` of a finished run (None when missing or unreadable: then it is rewritten)."""
+        try:
+            summary = json.loads((self.out_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) and summary.get("epochs_completed") == self.config.epochs else None
 
     def _progress_bar(self) -> Any:
         if not self.config.progress or not self.dist.is_writer:

@@ -115,7 +115,7 @@ def test_resume_continues_every_member(root, tmp_path):
     base = dict(data_root=root, arch=SMOOTH, epochs=3, drw_epoch=1, save_every=1, **TINY)
     methods = ["ce-sam", "ce-drw-sam"]
     full = fit_ensemble([resolve_config(m, **base) for m in methods], [tmp_path / "full" / m for m in methods], **QUIET)
-    first = fit_ensemble([resolve_config(m, time_limit_s=0.0, **base) for m in methods], [tmp_path / "split" / m for m in methods], **QUIET)
+    first = fit_ensemble([resolve_config(m, time_limit_s=1e-6, **base) for m in methods], [tmp_path / "split" / m for m in methods], **QUIET)
     assert all(r.summary["stopped_early"] and r.summary["epochs_completed"] == 1 for r in first)
     resumed = fit_ensemble([resolve_config(m, **base) for m in methods], [tmp_path / "split" / m for m in methods], resume=True, **QUIET)
     for a, b in zip(full, resumed):
@@ -123,7 +123,7 @@ def test_resume_continues_every_member(root, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert [json.loads(x)["epoch"] for x in (b.out_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     # a member that is not at the others' epoch is refused
-    fit(resolve_config("vs-sam", time_limit_s=0.0, **base), tmp_path / "other", **QUIET)  # stops after epoch 1
+    fit(resolve_config("vs-sam", time_limit_s=1e-6, **base), tmp_path / "other", **QUIET)  # stops after epoch 1
     with pytest.raises(ValueError, match="different epochs"):
         fit_ensemble([resolve_config(m, **base) for m in ("ce-sam", "vs-sam")], [tmp_path / "split" / "ce-sam", tmp_path / "other"],
                      resume=True, **QUIET)
