@@ -21,7 +21,8 @@ def _summary(record: store.ResultRecord) -> tuple[str, str]:
         top = fmt(float(a["top"][0])) if len(a["top"]) else "-"
         bottom = fmt(float(a["bottom"][0])) if len(a["bottom"]) else "-"
         residuals = [float(x) for x in list(a["top_residuals"]) + list(a["bottom_residuals"])]
-        quality = f"res {fmt(max(residuals), 2)}" + ("" if p.get("converged", True) else " NOT converged")
+        worst = fmt(max(residuals), 2) if residuals else "-"
+        quality = f"res {worst}" + ("" if p.get("converged", True) else " NOT converged")
         return f"λmax {top:>9}  λmin {bottom:>9}", quality
     if record.kind == "density":
         low, high = fmt(float(a["nodes"].min())), fmt(float(a["nodes"].max()))
@@ -41,14 +42,16 @@ def info(results: str, as_json: bool) -> None:
         return
     with h5py.File(results, "r", locking=False) as f:
         version, created = f.attrs.get("schema_version"), f.attrs.get("created_utc", "")
-    runs = sorted({r.run for r in records})
+    # Runs by their file-wide label: two checkpoint folders with one name show as seedA/ce-drw, seedB/ce-drw.
+    run_label = {run.key: run.label for run in store.list_runs(results)}
+    runs = sorted({run_label[r.run_key] for r in records})
     click.echo(f"{results}: spectra results schema v{version}, created {created}, "
                f"{Path(results).stat().st_size / 1e6:.2f} MB, {len(records)} entries, runs: {', '.join(runs) or '-'}")
     rows: list[list[Any]] = []
     for r in records:
         p = r.provenance
         result, quality = _summary(r)
-        rows.append([r.run, r.epoch, f"{r.class_index} {p.get('class_name', '')}", r.kind, p.get("num_samples"),
+        rows.append([run_label[r.run_key], r.epoch, f"{r.class_index} {p.get('class_name', '')}", r.kind, p.get("num_samples"),
                      fmt(float(p.get("loss", float("nan")))), result, quality, p.get("dtype"),
                      str(p.get("settings_hash", ""))[:8], f"{float(p.get('wall_time_s', 0.0)):.1f}s"])
     if rows:

@@ -1,65 +1,86 @@
 """``spectra plot ratio | density``: figures of a results file, written as images."""
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from spectra import store
 from spectra.class_data import resolve_classes
-from spectra.plots import plot_density, plot_ratio
+from spectra.plots import image_path, missing_extremes, plot_density, plot_ratio
 
 from .common import handle_errors
 
 __all__ = ["plot"]
 
+_RUN_HELP = ("a run's name, or when two checkpoint folders share a name, the label `spectra info` shows "
+             "(seedA/ce-drw) or the folder's path")
+
 
 @click.group("plot")
 def plot() -> None:
-    """Figures of a results file (PNG, PDF or SVG by the output's suffix)."""
+    """Figures of a results file (PNG, PDF or SVG by the output's suffix; PNG without one)."""
 
 
 @plot.command("ratio")
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
-@click.option("--run", "runs", multiple=True, help="Runs (checkpoint folders) to show, one panel each; default all.")
+@click.option("--run", "runs", multiple=True,
+              help=f"Runs (checkpoint folders) to show, one panel each; default all. A run is {_RUN_HELP}.")
 @click.option("--log/--linear", "log_scale", default=None, help="Y axis scale (default: log when ratios span >2 decades).")
 @click.option("--title", default=None)
 @handle_errors
 def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | None, title: str | None) -> None:
     """|λmin/λmax| per class over epochs: one line per class, head (blue) to tail (red)."""
-    chosen = list(runs) or store.runs(results)
-    if not chosen:
-        raise click.ClickException(f"{results} holds no eigenvalue entries")
+    target = image_path(output)
+    if runs:
+        chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs))
+    else:
+        chosen = store.runs(results, kind="eigs")
+        if not chosen:
+            kinds = sorted({r.kind for r in store.read_results(results)})
+            raise click.ClickException(
+                f"{results} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
+                "the ratio needs `spectra eigs` or `spectra sweep` results")
     tables = {run: store.eigen_table(results, run=run) for run in chosen}
-    plot_ratio(tables, store.class_names(results), store.class_sizes(results), out=output,
-               log_scale=log_scale, title=title)
-    click.echo(f"wrote {output}")
+    names = store.class_names(results)
+    for note in missing_extremes(tables, names):
+        click.echo(f"note: {note}", err=True)
+    plot_ratio(tables, names, store.class_sizes(results), out=target, log_scale=log_scale, title=title)
+    click.echo(f"wrote {target}")
 
 
 @plot.command("density")
 @click.argument("results", type=click.Path(dir_okay=False))
-@click.option("--class", "class_spec", required=True, help="Class index or name.")
+@click.option("--class", "class_spec", required=True,
+              help="Class: an index, a name, a comma-separated list or 'all' (one curve each).")
 @click.option("--epoch", "epochs", type=int, multiple=True, required=True,
               help="Epoch of the checkpoint (repeat to overlay several).")
-@click.option("--run", default=None, help="Run (checkpoint folder) when the file holds several.")
+@click.option("--run", default=None, help=f"Run when the file holds several: {_RUN_HELP}.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
 @handle_errors
 def density(results: str, class_spec: str, epochs: tuple[int, ...], run: str | None, output: str) -> None:
-    """Spectral density of one class at one or more epochs (log scale), with λmin/λmax when stored."""
+    """Spectral density of classes at epochs (log scale), one curve each; with
+    λmin/λmax of the eigs entry of the same run when one class at one epoch is shown."""
+    target = image_path(output)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
-    (class_index,) = resolve_classes(class_spec, ordered)
-    records = [store.density_record(results, class_index, e, run=run) for e in epochs]
-    extremes = _extremes(results, class_index, epochs[0], records[0].run) if len(epochs) == 1 else None
-    plot_density(records, out=output, extremes=extremes)
-    click.echo(f"wrote {output}")
+    if class_spec.strip().lower() == "all":  # every class that has a density entry at those epochs
+        classes = sorted({r.class_index for r in store.read_results(results, kind="density") if r.epoch in epochs})
+    else:
+        classes = resolve_classes(class_spec, ordered)
+    records = [store.density_record(results, c, e, run=run) for c in classes for e in epochs]
+    runs = [store.run_of(results, r) for r in records]
+    labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"
+              for run_, r in zip(runs, records)]
+    extremes = _extremes(results, records[0].class_index, records[0].epoch, runs[0]) if len(records) == 1 else None
+    plot_density(records, out=target, extremes=extremes, labels=labels)
+    click.echo(f"wrote {target}")
 
 
-def _extremes(results: str, class_index: int, epoch: int, run: str) -> tuple[float, float] | None:
+def _extremes(results: str, class_index: int, epoch: int, run: store.Run) -> tuple[float, float] | None:
     """(λmin, λmax) of the same class, epoch and run from an eigs entry, if any."""
-    table: dict[int, Any] = store.eigen_table(results, run=run) if run in store.runs(results) else {}
-    series = table.get(class_index)
+    if run.label not in store.runs(results, kind="eigs"):
+        return None  # e.g. a file of density entries only: the curve alone
+    series = store.eigen_table(results, run=run).get(class_index)
     if series is None or epoch not in series.epochs.tolist():
         return None
     i = series.epochs.tolist().index(epoch)

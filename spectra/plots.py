@@ -20,17 +20,70 @@ from matplotlib.ticker import MaxNLocator
 
 from spectra.store import EigenSeries, ResultRecord
 
-__all__ = ["head_to_tail_order", "saddle_ratio", "plot_ratio", "plot_density", "save_figure"]
+__all__ = [
+    "head_to_tail_order",
+    "saddle_ratio",
+    "missing_extremes",
+    "plot_ratio",
+    "plot_density",
+    "image_path",
+    "save_figure",
+]
 
 # Head classes blue, tail classes red.
 _COLORMAP = "coolwarm"
 _MAX_LEGEND_CLASSES = 12
+_MAX_NOTES = 4
 
 
 def saddle_ratio(series: EigenSeries) -> np.ndarray:
     """|λmin / λmax| per epoch: large values mean strong negative curvature
-    relative to the sharpest direction (a saddle point rather than a minimum)."""
+    relative to the sharpest direction (a saddle point rather than a minimum).
+    NaN where λmin or λmax was not stored."""
     return np.abs(series.lambda_min / series.lambda_max)
+
+
+def missing_extremes(
+    tables: Mapping[str, Mapping[int, EigenSeries]], class_names: Mapping[int, str] | None = None
+) -> list[str]:
+    """One line per (run, class) whose entries lack λmin or λmax (stored with
+    bottom-k 0 or top-k 0), naming the epochs: why the ratio has gaps there."""
+    class_names = class_names or {}
+    notes = []
+    for run, table in tables.items():
+        for c, series in sorted(table.items()):
+            for end, values, option in (("λmin", series.lambda_min, "bottom-k"), ("λmax", series.lambda_max, "top-k")):
+                missing = series.epochs[np.isnan(values)]
+                if missing.size == 0:
+                    continue
+                where = "all epochs" if missing.size == series.epochs.size else \
+                    "epoch" + ("s " if missing.size > 1 else " ") + ", ".join(str(e) for e in missing)
+                notes.append(f"{run} class {c} ({class_names.get(c, c)}): no {end} at {where} "
+                             f"(stored with {option} 0)")
+    return notes
+
+
+def image_path(out: str | os.PathLike[str]) -> Path:
+    """The file a figure saved to ``out`` lands in, checked before any plotting.
+
+    No suffix means PNG (``out.png``, as matplotlib would write). Raises
+    ``ValueError`` (one line) for a format matplotlib cannot write or a folder
+    that does not exist.
+    """
+    path = Path(out)
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    fmt = path.suffix[1:].lower()
+    if fmt not in supported:
+        raise ValueError(f"cannot write a {path.suffix} image ({path}); use one of "
+                         + ", ".join(f".{k}" for k in sorted(supported)))
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"folder {folder} of the output image does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"folder {folder} of the output image is not writable")
+    return path
 
 
 def head_to_tail_order(classes: Sequence[int], sizes: Mapping[int, int] | None) -> list[int]:
@@ -40,11 +93,12 @@ def head_to_tail_order(classes: Sequence[int], sizes: Mapping[int, int] | None) 
 
 
 def save_figure(fig: Figure, out: str | os.PathLike[str], dpi: int = 150) -> Path:
-    """Render ``fig`` with the Agg canvas to ``out`` (format from the suffix)."""
-    out = Path(out)
+    """Render ``fig`` with the Agg canvas to ``out`` (format from the suffix, PNG
+    without one); returns the path written (see :func:`image_path`)."""
+    path = image_path(out)
     FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight")
-    return out
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
 
 
 def plot_ratio(
@@ -59,12 +113,20 @@ def plot_ratio(
 
     ``tables``: run label → :func:`spectra.store.eigen_table` output. Lines are
     coloured from head (blue, most samples) to tail (red). ``log_scale=None``
-    picks a log axis when the ratios span more than two decades.
+    picks a log axis when the ratios span more than two decades. Epochs without
+    λmin or λmax (NaN) are gaps; a class with no complete epoch gets no line,
+    and a footnote names what is missing (:func:`missing_extremes`).
     """
     class_names = class_names or {}
+    notes = missing_extremes(tables, class_names)
+    if not any(table for table in tables.values()):
+        raise ValueError("no eigenvalue entries to plot")
+    tables = {run: {c: s for c, s in table.items() if np.isfinite(saddle_ratio(s)).any()}
+              for run, table in tables.items()}
     all_classes = sorted({c for table in tables.values() for c in table})
     if not all_classes:
-        raise ValueError("no eigenvalue entries to plot")
+        raise ValueError("no eigs entry holds both λmin and λmax (stored with top-k 0 or bottom-k 0); "
+                         "the ratio needs both")
     order = head_to_tail_order(all_classes, class_sizes)
     cmap = colormaps[_COLORMAP]
     colour = {c: cmap(i / max(len(order) - 1, 1)) for i, c in enumerate(order)}
@@ -99,6 +161,9 @@ def plot_ratio(
         bar = fig.colorbar(ScalarMappable(norm=Normalize(0, len(order) - 1), cmap=colormaps[_COLORMAP]), ax=axes[-1])
         bar.set_label("class rank by size (0 = head)")
     fig.suptitle(title or "Per-class Hessian: negative vs positive curvature")
+    if notes:
+        shown = notes[:_MAX_NOTES] + ([f"... and {len(notes) - _MAX_NOTES} more"] if len(notes) > _MAX_NOTES else [])
+        fig.supxlabel("\n".join(shown), fontsize=7, color="dimgrey")
     if out is not None:
         save_figure(fig, out)
     return fig
@@ -109,36 +174,50 @@ def plot_density(
     out: str | os.PathLike[str] | None = None,
     extremes: tuple[float, float] | None = None,
     title: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
-    """Spectral density (log scale) of one or more ``density`` entries.
+    """Spectral density (log scale) of one or more ``density`` entries (epochs,
+    classes or runs), one curve each.
 
-    ``extremes``: (λmin, λmax) from an ``eigs`` entry, drawn as dashed lines.
-    The density is floored at 1e-10 × its peak so the log axis stays readable.
+    ``extremes``: (λmin, λmax) from an ``eigs`` entry, drawn as dashed lines
+    (a NaN end, not stored, is left out). ``labels``: legend text per record
+    (default: run, epoch and class from the provenance). The density is
+    floored at 1e-10 × its peak so the log axis stays readable.
     """
     items = [records] if isinstance(records, ResultRecord) else list(records)
     if not items:
         raise ValueError("no density entries to plot")
+    if labels is not None and len(labels) != len(items):
+        raise ValueError(f"{len(labels)} labels for {len(items)} density entries")
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, rec in enumerate(items):
         grid, values = rec.arrays["grid"], rec.arrays["values"]
         floor = max(float(values.max()), 1e-300) * 1e-10
         p = rec.provenance
-        label = f"{p.get('run', '')} epoch {p.get('epoch')}, class {p.get('class_index')} ({p.get('class_name', '')})"
+        label = labels[i] if labels is not None else (
+            f"{p.get('run', '')} epoch {p.get('epoch')}, class {p.get('class_index')} ({p.get('class_name', '')})")
         ax.semilogy(grid, np.maximum(values, floor), color=f"C{i % 10}", linewidth=1.4, label=label)
     if extremes is not None:
         for value, name, colour in zip(extremes, (r"$\lambda_{\min}$", r"$\lambda_{\max}$"), ("crimson", "darkorange")):
-            ax.axvline(value, color=colour, linestyle="--", linewidth=1.0, label=f"{name} = {value:.4g}")
+            if np.isfinite(value):
+                ax.axvline(value, color=colour, linestyle="--", linewidth=1.0, label=f"{name} = {value:.4g}")
     ax.axvline(0.0, color="grey", linewidth=0.6)
     ax.set_xlabel(r"eigenvalue $\lambda$")
     ax.set_ylabel("density (log scale)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    first = items[0].provenance
-    ax.set_title(title or (
-        f"Hessian spectral density — class {first.get('class_index')} ({first.get('class_name', '')}), "
-        f"{first.get('num_samples')} samples"
-    ), fontsize=10)
+    ax.set_title(title or _density_title(items), fontsize=10)
     if out is not None:
         save_figure(fig, out)
     return fig
+
+
+def _density_title(items: Sequence[ResultRecord]) -> str:
+    """Title naming the class (and its sample count) or, for several, the classes."""
+    classes = sorted({r.class_index for r in items})
+    first = items[0].provenance
+    if len(classes) == 1:
+        return (f"Hessian spectral density — class {first.get('class_index')} ({first.get('class_name', '')}), "
+                f"{first.get('num_samples')} samples")
+    return "Hessian spectral density — classes " + ", ".join(str(c) for c in classes)

@@ -23,6 +23,13 @@ pid) refuses a second writer with :class:`StoreLockedError`.
 
 Readers (``read_results``, ``eigen_table``, ``density_record``) need only h5py
 and return numpy arrays; ``eigen_table`` gives per-class series over epochs.
+
+Runs. A training run is the folder that holds its checkpoints: entries are
+grouped by (``run`` name, folder of ``checkpoint_path``), so two folders with
+the same name (``seedA/ce-drw``, ``seedB/ce-drw``) stay two runs. Each run
+gets a display label unique within the file (its name, or the shortest tail of
+its folder path that tells it apart); readers take a label, a tail of the
+folder path, the full folder path or an unambiguous name (:func:`find_run`).
 """
 from __future__ import annotations
 
@@ -50,12 +57,17 @@ __all__ = [
     "StoreLockedError",
     "ResultRecord",
     "EigenSeries",
+    "Run",
     "entry_key",
     "ResultsWriter",
     "read_results",
     "stored_keys",
     "runs",
+    "list_runs",
+    "find_run",
+    "run_of",
     "class_names",
+    "class_sizes",
     "eigen_table",
     "density_record",
     "schema_doc",
@@ -185,9 +197,39 @@ class ResultRecord:
     def run(self) -> str:
         return str(self.provenance.get("run", ""))
 
+    @property
+    def run_folder(self) -> str:
+        """Folder of the analysed checkpoint ('' when the entry does not record its path)."""
+        return _folder_of(self.provenance)
+
+    @property
+    def run_key(self) -> tuple[str, str]:
+        """(run name, run folder): what identifies the training run of the entry."""
+        return self.run, self.run_folder
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a results file: its name, its checkpoints' folder and
+    a label unique within the file (the name unless another folder shares it)."""
+
+    name: str
+    folder: str
+    label: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.name, self.folder
+
+
+def _folder_of(provenance: dict[str, Any]) -> str:
+    path = str(provenance.get("checkpoint_path", "") or "")
+    return os.path.dirname(path) if path else ""
+
 
 class EigenSeries(NamedTuple):
-    """λmax and λmin of one class over epochs (sorted by epoch)."""
+    """λmax and λmin of one class over epochs (sorted by epoch); NaN where the
+    entry holds no such end (stored with top-k 0 or bottom-k 0)."""
 
     epochs: np.ndarray
     lambda_max: np.ndarray
@@ -422,7 +464,8 @@ def read_results(path: str | os.PathLike[str], kind: str | None = None) -> list[
             _read_group(g) for _, g in _committed(f)
             if kind is None or _to_python(g.attrs.get("kind")) == kind
         ]
-    records.sort(key=lambda r: (r.run, r.epoch, r.class_index, r.kind, str(r.provenance.get("created_utc", ""))))
+    records.sort(key=lambda r: (r.run, r.run_folder, r.epoch, r.class_index, r.kind,
+                                str(r.provenance.get("created_utc", ""))))
     return records
 
 
@@ -432,9 +475,82 @@ def stored_keys(path: str | os.PathLike[str]) -> set[str]:
         return {name for name, _ in _committed(f)}
 
 
-def runs(path: str | os.PathLike[str]) -> list[str]:
-    """Names of the training runs (checkpoint folders) present, sorted."""
-    return sorted({r.run for r in read_results(path)})
+# ------------------------------------------------------------------ runs
+def _label_runs(keys: set[tuple[str, str]]) -> dict[tuple[str, str], Run]:
+    """A unique label per (name, folder): the name when no other folder shares it,
+    else the shortest tail of the folder path (at least parent/name) that differs."""
+    by_name: dict[str, list[str]] = {}
+    for name, folder in sorted(keys):
+        by_name.setdefault(name, []).append(folder)
+    out: dict[tuple[str, str], Run] = {}
+    for name, folders in by_name.items():
+        if len(folders) == 1:
+            out[(name, folders[0])] = Run(name, folders[0], name)
+            continue
+        parts = {folder: Path(folder).parts if folder else (name,) for folder in folders}
+        depth = 2
+        while depth < max(len(p) for p in parts.values()) and \
+                len({p[-depth:] for p in parts.values()}) < len(parts):
+            depth += 1
+        for folder, p in parts.items():
+            label = "/".join(p[-depth:]).replace("//", "/") if folder else f"{name} (no checkpoint path)"
+            out[(name, folder)] = Run(name, folder, label)
+    return out
+
+
+def _run_index(path: str | os.PathLike[str]) -> dict[tuple[str, str], Run]:
+    """(name, folder) → :class:`Run` over every committed entry (attributes only)."""
+    with _open_for_reading(path) as f:
+        provenances = [_decode_attrs(g.attrs) for _, g in _committed(f)]
+    return _label_runs({(str(p.get("run", "")), _folder_of(p)) for p in provenances})
+
+
+def list_runs(path: str | os.PathLike[str]) -> list[Run]:
+    """The training runs of a file (all kinds), sorted by label."""
+    return sorted(_run_index(path).values(), key=lambda r: r.label)
+
+
+def run_of(path: str | os.PathLike[str], record: ResultRecord) -> Run:
+    """The run (with its file-wide label) that ``record`` belongs to."""
+    return _run_index(path)[record.run_key]
+
+
+def runs(path: str | os.PathLike[str], kind: str | None = None) -> list[str]:
+    """Labels of the training runs (checkpoint folders) present, sorted; with
+    ``kind``, only the runs that hold entries of that kind."""
+    index = _run_index(path)
+    keys = {r.run_key for r in read_results(path, kind=kind)} if kind else set(index)
+    return sorted(index[k].label for k in keys)
+
+
+def find_run(path: str | os.PathLike[str], run: "str | Run") -> Run:
+    """The run named by ``run``: its label, its folder path (absolute, or any tail
+    of it such as ``seedA/ce-drw``) or its name when only one folder has it.
+
+    Raises ``ValueError`` (one line) when nothing or several runs match.
+    """
+    index = _run_index(path)
+    if isinstance(run, Run):
+        if run.key not in index:
+            raise ValueError(f"run {run.label!r} not in {path}")
+        return index[run.key]
+    spec = str(run).rstrip("/") or str(run)
+    labels = ", ".join(sorted(r.label for r in index.values())) or "none"
+    exact = [r for r in index.values() if r.label == spec]
+    if exact:
+        return exact[0]
+    wanted = Path(spec).parts
+    matches = [r for r in index.values()
+               if r.name == spec or (r.folder and wanted and Path(r.folder).parts[-len(wanted):] == wanted)]
+    if not matches and Path(spec).expanduser().exists():
+        resolved = str(Path(spec).expanduser().resolve())
+        matches = [r for r in index.values() if r.folder == resolved]
+    if len(matches) > 1:
+        choices = ", ".join(sorted(r.label for r in matches))
+        raise ValueError(f"run {spec!r} is ambiguous in {path}: it matches {choices}; give one of those")
+    if not matches:
+        raise ValueError(f"run {spec!r} not in {path}; runs: {labels}")
+    return matches[0]
 
 
 def class_names(path: str | os.PathLike[str]) -> dict[int, str]:
@@ -457,43 +573,72 @@ def class_sizes(path: str | os.PathLike[str]) -> dict[int, int]:
     return sizes
 
 
-def _select_run(records: list[ResultRecord], run: str | None, path: str | os.PathLike[str]) -> list[ResultRecord]:
-    names = sorted({r.run for r in records})
-    if run is None:
-        if len(names) > 1:
-            raise ValueError(f"{path} holds several runs ({', '.join(names)}); choose one (run=... / --run)")
-        return records
-    if run not in names:
-        raise ValueError(f"run {run!r} not in {path}; runs: {', '.join(names) or 'none'}")
-    return [r for r in records if r.run == run]
+def _one_run(records: list[ResultRecord], path: str | os.PathLike[str], what: str) -> list[ResultRecord]:
+    """``records`` when they all belong to one run, else a one-line ``ValueError``."""
+    keys = {r.run_key for r in records}
+    if len(keys) > 1:
+        index = _run_index(path)
+        names = ", ".join(sorted(index[k].label for k in keys))
+        raise ValueError(f"{path} holds {what} of several runs ({names}); choose one (run=... / --run)")
+    return records
 
 
-def eigen_table(path: str | os.PathLike[str], run: str | None = None) -> dict[int, EigenSeries]:
+def _of_run(records: list[ResultRecord], run: "str | Run", path: str | os.PathLike[str],
+            what: str) -> list[ResultRecord]:
+    """The ``records`` of the run named by ``run`` (see :func:`find_run`)."""
+    chosen = find_run(path, run)
+    selected = [r for r in records if r.run_key == chosen.key]
+    if not selected:
+        index = _run_index(path)
+        having = ", ".join(sorted({index[r.run_key].label for r in records})) or "none"
+        raise ValueError(f"run {chosen.label!r} has no {what} in {path}; runs with {what}: {having}")
+    return selected
+
+
+def _first_or_nan(values: np.ndarray) -> float:
+    """``values[0]``, or NaN for an empty end (an eigs entry stored with k = 0)."""
+    return float(values[0]) if len(values) else float("nan")
+
+
+def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) -> dict[int, EigenSeries]:
     """Per class, λmax and λmin over epochs: ``{class: (epochs, lambda_max, lambda_min)}``.
 
-    Uses the ``eigs`` entries of one run (required when the file holds several);
-    when one (class, epoch) was analysed several times the newest entry wins.
+    Uses the ``eigs`` entries of one run (required when the file holds several;
+    see :func:`find_run` for how to name it); when one (class, epoch) was
+    analysed several times the newest entry wins. λmax = ``top[0]`` and
+    λmin = ``bottom[0]``; an entry stored with top-k 0 (bottom-k 0) gives NaN.
     """
-    records = _select_run(read_results(path, kind="eigs"), run, path)
+    records = read_results(path, kind="eigs")
+    if not records:
+        raise ValueError(f"{path} holds no eigenvalue (eigs) entries")
+    what = "eigenvalue (eigs) entries"
+    records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
     newest: dict[tuple[int, int], ResultRecord] = {}
     for r in records:  # sorted by creation time within (run, epoch, class)
         newest[(r.class_index, r.epoch)] = r
     table: dict[int, EigenSeries] = {}
     for c in sorted({c for c, _ in newest}):
-        rows = sorted((e, r) for (cc, e), r in newest.items() if cc == c)
+        rows = sorted(((e, r) for (cc, e), r in newest.items() if cc == c), key=lambda row: row[0])
         table[c] = EigenSeries(
             epochs=np.array([e for e, _ in rows], dtype=np.int64),
-            lambda_max=np.array([r.arrays["top"][0] for _, r in rows], dtype=np.float64),
-            lambda_min=np.array([r.arrays["bottom"][0] for _, r in rows], dtype=np.float64),
+            lambda_max=np.array([_first_or_nan(r.arrays["top"]) for _, r in rows], dtype=np.float64),
+            lambda_min=np.array([_first_or_nan(r.arrays["bottom"]) for _, r in rows], dtype=np.float64),
         )
     return table
 
 
 def density_record(
-    path: str | os.PathLike[str], class_index: int, epoch: int, run: str | None = None
+    path: str | os.PathLike[str], class_index: int, epoch: int, run: "str | Run | None" = None
 ) -> ResultRecord:
     """The newest ``density`` entry of one class at one epoch (of one run)."""
-    records = [r for r in read_results(path, kind="density") if r.class_index == class_index and r.epoch == epoch]
+    records = read_results(path, kind="density")
     if not records:
-        raise ValueError(f"no density entry for class {class_index} at epoch {epoch} in {path}")
-    return _select_run(records, run, path)[-1]
+        raise ValueError(f"{path} holds no density entries")
+    of_run = ""
+    if run is not None:
+        records = _of_run(records, run, path, "density entries")
+        of_run = f" of run {find_run(path, run).label!r}"
+    records = [r for r in records if r.class_index == class_index and r.epoch == epoch]
+    if not records:
+        raise ValueError(f"no density entry for class {class_index} at epoch {epoch}{of_run} in {path}")
+    return _one_run(records, path, f"density entries for class {class_index} at epoch {epoch}")[-1]

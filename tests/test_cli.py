@@ -275,3 +275,24 @@ def test_sweep_killed_with_sigkill_then_resumed(env, tmp_path):
     assert len(after) == total and all(after[k] == v for k, v in before.items())
     with h5py.File(out, "r") as f:
         assert not [n for n in f["entries"] if n.startswith(".tmp-")]
+
+
+def test_info_labels_same_name_runs_and_closed_pipe_is_quiet(tmp_path):
+    """Two checkpoint folders named ce-drw show as seedA/ce-drw and seedB/ce-drw;
+    `spectra info r.h5 | head` (the reader closes early) exits without an Error line."""
+    from test_store import make_record
+
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        for seed in ("seedA", "seedB"):
+            w.write(make_record(1, 0, 10.0, -1.0, run="ce-drw", parent=f"/exp/{seed}"))
+    res = invoke("info", path)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0].endswith("runs: seedA/ce-drw, seedB/ce-drw")
+    assert [line.split()[0] for line in res.stdout.splitlines()[3:]] == ["seedA/ce-drw", "seedB/ce-drw"]
+    proc = subprocess.Popen([sys.executable, "-m", "spectra_cli.main", "info", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child (still importing torch) writes a line
+    err = proc.stderr.read().decode()
+    proc.wait(120)
+    assert proc.returncode == 1 and err == "", err

@@ -71,3 +71,155 @@ def test_density_plot_png(tmp_path):
     np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), rec.arrays["grid"])
     with pytest.raises(ValueError):
         plots.plot_density([])
+
+
+# ------------------------------------------------------------------ missing ends, output paths, several classes
+def test_ratio_plot_leaves_gaps_and_notes_where_an_end_is_missing(tmp_path):
+    nan = np.nan
+    tables = {"ce-drw": {
+        0: EigenSeries(np.array([1, 2, 3]), np.array([2.0, 2.0, 2.0]), np.array([-1.0, nan, -0.5])),
+        1: EigenSeries(np.array([1, 2]), np.array([nan, nan]), np.array([-1.0, -1.0])),
+    }}
+    notes = plots.missing_extremes(tables, {0: "plane", 1: "car"})
+    assert notes == ["ce-drw class 0 (plane): no λmin at epoch 2 (stored with bottom-k 0)",
+                     "ce-drw class 1 (car): no λmax at all epochs (stored with top-k 0)"]
+    fig = plots.plot_ratio(tables, {0: "plane", 1: "car"}, out=tmp_path / "gaps.png")
+    (line,) = fig.axes[0].get_lines()  # class 1 has no complete epoch: no line
+    assert line.get_label().startswith("0:")
+    np.testing.assert_allclose(line.get_ydata(), [0.5, nan, 0.25])
+    assert fig.texts[-1].get_text() == "\n".join(notes)  # the footnote names what is missing
+    with pytest.raises(ValueError, match="no eigs entry holds both λmin and λmax"):
+        plots.plot_ratio({"r": {1: tables["ce-drw"][1]}})
+
+
+def test_image_path_is_checked_before_plotting(tmp_path):
+    assert plots.image_path(tmp_path / "noext") == tmp_path / "noext.png"
+    assert plots.image_path(tmp_path / "fig.PDF") == tmp_path / "fig.PDF"
+    with pytest.raises(ValueError, match=r"cannot write a \.xyz image .* use one of .*\.png"):
+        plots.image_path(tmp_path / "fig.xyz")
+    with pytest.raises(ValueError, match="folder .*missing of the output image does not exist"):
+        plots.image_path(tmp_path / "missing" / "fig.png")
+    fig = plots.plot_ratio({"r": {0: EigenSeries(np.array([1]), np.array([2.0]), np.array([-1.0]))}})
+    written = plots.save_figure(fig, tmp_path / "noext")
+    assert written == tmp_path / "noext.png" and written.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_density_plot_several_classes_and_one_missing_extreme(tmp_path):
+    recs = [make_record(5, c, 3.0, -1.0, kind="density") for c in (0, 2)]
+    fig = plots.plot_density(recs, labels=["a", "b"], extremes=(np.nan, 3.0))
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()][:3] == ["a", "b", r"$\lambda_{\max}$ = 3"]
+    assert len(ax.get_lines()) == 4  # two curves, λmax, the zero line; no NaN λmin line
+    assert ax.get_title() == "Hessian spectral density — classes 0, 2"
+    with pytest.raises(ValueError, match="1 labels for 2 density entries"):
+        plots.plot_density(recs, labels=["a"])
+
+
+# ------------------------------------------------------------------ the `spectra plot` commands on such files
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_error_line(result, pattern):
+    import re
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("Error:")]
+    assert re.search(pattern, line), line
+
+
+@pytest.fixture
+def captured_plots(monkeypatch):
+    """What the commands hand to plot_ratio / plot_density (then drawn for real)."""
+    import spectra_cli.plot as cli_plot
+
+    calls: dict[str, list] = {"ratio": [], "density": []}
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            fig = real(*args, **kwargs)
+            calls[name].append((args, kwargs, fig))
+            return fig
+        return wrapper
+
+    monkeypatch.setattr(cli_plot, "plot_ratio", spy("ratio", plots.plot_ratio))
+    monkeypatch.setattr(cli_plot, "plot_density", spy("density", plots.plot_density))
+    return calls
+
+
+def test_cli_density_only_file(tmp_path, captured_plots):
+    path = tmp_path / "d.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(3, 2, 3.0, -1.0, kind="density", run="ce-drw"))
+        w.write(make_record(3, 0, 5.0, -2.0, kind="density", run="ce-drw"))
+    res = _cli("plot", "density", path, "--class", "2", "--epoch", "3", "-o", tmp_path / "d.png")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == f"wrote {tmp_path / 'd.png'}"
+    assert captured_plots["density"][-1][1]["extremes"] is None
+    _one_error_line(_cli("plot", "ratio", path, "-o", tmp_path / "r.png"),
+                    r"d\.h5 holds no eigenvalue \(eigs\) entries \(it holds: density\)")
+    # Several classes: one curve each; 'all' = the classes with density entries at that epoch.
+    for spec in ("0,2", "all"):
+        res = _cli("plot", "density", path, "--class", spec, "--epoch", "3", "-o", tmp_path / "two.png")
+        assert res.exit_code == 0, res.output
+        args, kwargs, fig = captured_plots["density"][-1]
+        assert sorted(r.class_index for r in args[0]) == [0, 2] and kwargs["extremes"] is None
+    _one_error_line(_cli("plot", "density", path, "--class", "1", "--epoch", "3", "-o", tmp_path / "x.png"),
+                    r"no density entry for class 1 at epoch 3")
+
+
+def test_cli_ratio_with_missing_ends_and_output_paths(tmp_path, captured_plots):
+    path = tmp_path / "e.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(1, 0, 4.0, np.nan, run="ce-drw"))
+        w.write(make_record(2, 0, 4.0, -2.0, run="ce-drw"))
+        w.write(make_record(1, 1, np.nan, -2.0, run="ce-drw"))
+        w.write(make_record(1, 1, 4.0, np.nan, run="ce-drw", kind="density"))
+    res = _cli("plot", "ratio", path, "-o", tmp_path / "noext")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == f"wrote {tmp_path / 'noext.png'}"
+    assert (tmp_path / "noext.png").read_bytes()[:8] == PNG_MAGIC
+    assert "note: ce-drw class 0 (c0): no λmin at epoch 1 (stored with bottom-k 0)" in res.stderr
+    assert "note: ce-drw class 1 (c1): no λmax at all epochs (stored with top-k 0)" in res.stderr
+    _one_error_line(_cli("plot", "ratio", path, "-o", tmp_path / "nodir" / "r.png"),
+                    r"folder .*nodir of the output image does not exist")
+    _one_error_line(_cli("plot", "ratio", path, "-o", tmp_path / "r.bmpx"), r"cannot write a \.bmpx image")
+    assert not list(tmp_path.glob("r.*"))
+    # The density of class 1 at epoch 1 gets the one stored end (λmin) and a NaN for λmax.
+    res = _cli("plot", "density", path, "--class", "1", "--epoch", "1", "-o", tmp_path / "d.svg")
+    assert res.exit_code == 0, res.output
+    lam_min, lam_max = captured_plots["density"][-1][1]["extremes"]
+    assert lam_min == -2.0 and np.isnan(lam_max)
+
+
+def test_cli_runs_with_one_name_in_two_folders(tmp_path, captured_plots):
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        for seed, gain in (("seedA", 1.0), ("seedB", 3.0)):
+            for epoch in (1, 2):
+                w.write(make_record(epoch, 0, 10.0, -gain, run="ce-drw", parent=f"/exp/{seed}"))
+            w.write(make_record(2, 0, 10.0, -gain, run="ce-drw", kind="density", parent=f"/exp/{seed}"))
+    res = _cli("plot", "ratio", path, "-o", tmp_path / "all.png")
+    assert res.exit_code == 0, res.output
+    tables = captured_plots["ratio"][-1][0][0]
+    assert list(tables) == ["seedA/ce-drw", "seedB/ce-drw"]
+    np.testing.assert_allclose(tables["seedB/ce-drw"][0].lambda_min, [-3.0, -3.0])
+    assert [ax.get_title() for ax in captured_plots["ratio"][-1][2].axes[:2]] == ["seedA/ce-drw", "seedB/ce-drw"]
+    _one_error_line(_cli("plot", "ratio", path, "--run", "ce-drw", "-o", tmp_path / "x.png"),
+                    r"run 'ce-drw' is ambiguous .*: it matches seedA/ce-drw, seedB/ce-drw")
+    res = _cli("plot", "ratio", path, "--run", "/exp/seedB/ce-drw", "--run", "seedB/ce-drw", "-o", tmp_path / "b.png")
+    assert res.exit_code == 0, res.output
+    assert list(captured_plots["ratio"][-1][0][0]) == ["seedB/ce-drw"]
+    _one_error_line(_cli("plot", "density", path, "--class", "0", "--epoch", "2", "-o", tmp_path / "d.png"),
+                    r"several runs \(seedA/ce-drw, seedB/ce-drw\)")
+    res = _cli("plot", "density", path, "--class", "0", "--epoch", "2", "--run", "seedA/ce-drw",
+               "-o", tmp_path / "d.png")
+    assert res.exit_code == 0, res.output
+    args, kwargs, _ = captured_plots["density"][-1]
+    assert kwargs["labels"] == ["seedA/ce-drw epoch 2, class 0 (c0)"]
+    assert kwargs["extremes"] == (-1.0, 10.0)  # from seedA's eigs entry, not seedB's

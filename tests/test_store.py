@@ -1,6 +1,7 @@
 """Results store: schema attributes, atomic entries, writer lock, readers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -14,10 +15,11 @@ from spectra.store import ResultRecord, ResultsWriter, StoreError, StoreLockedEr
 
 
 def make_record(epoch: int, cls: int, lam_max: float, lam_min: float, *, run: str = "run-a",
-                kind: str = "eigs", settings: str = "s" * 64) -> ResultRecord:
+                kind: str = "eigs", settings: str = "s" * 64, parent: str = "/x") -> ResultRecord:
+    """An entry of checkpoint ``{parent}/{run}/ckpt_epoch{epoch}.pt``; NaN λ means an empty end (k = 0)."""
     prov = {
-        "kind": kind, "settings_hash": settings, "checkpoint_path": f"/x/{run}/ckpt_epoch{epoch:04d}.pt",
-        "checkpoint_sha256": f"{epoch:04d}{run}".ljust(64, "0"), "checkpoint_format": "spectra",
+        "kind": kind, "settings_hash": settings, "checkpoint_path": f"{parent}/{run}/ckpt_epoch{epoch:04d}.pt",
+        "checkpoint_sha256": hashlib.sha256(f"{parent}/{run}/{epoch}".encode()).hexdigest(), "checkpoint_format": "spectra",
         "epoch": epoch, "run": run, "method": "ce", "model": "resnet20",
         "model_kwargs": {"num_classes": 3, "cosine_head": False}, "dataset": {"name": "cifar10"},
         "split": "train", "class_index": cls, "class_name": f"c{cls}", "num_samples": 10 - cls,
@@ -26,8 +28,10 @@ def make_record(epoch: int, cls: int, lam_max: float, lam_min: float, *, run: st
         "seed": 0, "dtype": "float32", "device": "cpu", "num_matvecs": 12, "wall_time_s": 0.1,
     }
     if kind == "eigs":
-        arrays = {"top": np.array([lam_max]), "bottom": np.array([lam_min]),
-                  "top_residuals": np.array([1e-7]), "bottom_residuals": np.array([2e-7])}
+        top = np.array([] if np.isnan(lam_max) else [lam_max])
+        bottom = np.array([] if np.isnan(lam_min) else [lam_min])
+        arrays = {"top": top, "bottom": bottom,
+                  "top_residuals": np.full(top.shape, 1e-7), "bottom_residuals": np.full(bottom.shape, 2e-7)}
     else:
         grid = np.linspace(lam_min, lam_max, 50)
         arrays = {"nodes": np.ones((2, 3)), "weights": np.full((2, 3), 1 / 3), "grid": grid,
@@ -171,3 +175,68 @@ def test_unwritable_location(tmp_path):
                 ResultsWriter(ro / "r.h5")
         finally:
             ro.chmod(0o700)
+
+
+def test_empty_top_or_bottom_gives_nan_not_index_error(tmp_path):
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(1, 0, 4.0, np.nan))   # stored with bottom-k 0
+        w.write(make_record(2, 0, 3.0, -1.0))
+        w.write(make_record(1, 1, np.nan, -2.0))  # stored with top-k 0
+    table = store.eigen_table(path)
+    np.testing.assert_array_equal(table[0].epochs, [1, 2])
+    np.testing.assert_allclose(table[0].lambda_max, [4.0, 3.0])
+    np.testing.assert_allclose(table[0].lambda_min, [np.nan, -1.0])
+    np.testing.assert_allclose(table[1].lambda_max, [np.nan])
+    np.testing.assert_allclose(table[1].lambda_min, [-2.0])
+
+
+def test_kind_missing_is_named_in_the_error(tmp_path):
+    path = tmp_path / "d.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(3, 2, 3.0, -1.0, kind="density", run="ce-drw"))
+    assert store.runs(path) == ["ce-drw"] and store.runs(path, kind="eigs") == []
+    with pytest.raises(ValueError, match=r"holds no eigenvalue \(eigs\) entries"):
+        store.eigen_table(path, run="ce-drw")
+    with pytest.raises(ValueError, match=r"no density entry for class 2 at epoch 4 of run 'ce-drw'"):
+        store.density_record(path, 2, 4, run="ce-drw")
+    with ResultsWriter(path) as w:
+        w.write(make_record(3, 2, 3.0, -1.0, run="other"))
+    with pytest.raises(ValueError, match=r"run 'ce-drw' has no eigenvalue \(eigs\) entries in .*: other$"):
+        store.eigen_table(path, run="ce-drw")
+
+
+def test_same_run_name_in_two_folders_stays_two_runs(tmp_path):
+    """seedA/ce-drw and seedB/ce-drw: two experiments, never merged into one series."""
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        for epoch in (1, 2):
+            w.write(make_record(epoch, 0, 10.0, -1.0, run="ce-drw", parent="/exp/seedA"))
+            w.write(make_record(epoch, 0, 20.0, -5.0, run="ce-drw", parent="/exp/seedB"))
+            w.write(make_record(epoch, 0, 30.0, -3.0, run="ce-drw", kind="density", parent="/exp/seedB"))
+        w.write(make_record(1, 0, 5.0, -0.5, run="ce-drw-sam", parent="/exp/seedA"))
+    assert store.runs(path) == ["ce-drw-sam", "seedA/ce-drw", "seedB/ce-drw"]
+    assert store.runs(path, kind="density") == ["seedB/ce-drw"]
+    assert [(r.name, r.folder) for r in store.list_runs(path)][1:] == [
+        ("ce-drw", "/exp/seedA/ce-drw"), ("ce-drw", "/exp/seedB/ce-drw")]
+    with pytest.raises(ValueError, match=r"several runs \(ce-drw-sam, seedA/ce-drw, seedB/ce-drw\)"):
+        store.eigen_table(path)
+    with pytest.raises(ValueError, match=r"run 'ce-drw' is ambiguous .*: it matches seedA/ce-drw, seedB/ce-drw"):
+        store.eigen_table(path, run="ce-drw")
+    # Label, folder tail, absolute folder and a Run all name the same run; each keeps its own values.
+    for spec in ("seedB/ce-drw", "exp/seedB/ce-drw", "/exp/seedB/ce-drw/", store.find_run(path, "seedB/ce-drw")):
+        np.testing.assert_allclose(store.eigen_table(path, run=spec)[0].lambda_max, [20.0, 20.0])
+    np.testing.assert_allclose(store.eigen_table(path, run="seedA/ce-drw")[0].lambda_min, [-1.0, -1.0])
+    assert store.find_run(path, "ce-drw-sam").label == "ce-drw-sam"
+    with pytest.raises(ValueError, match=r"run 'seedC/ce-drw' not in .*; runs: ce-drw-sam, seedA/ce-drw"):
+        store.find_run(path, "seedC/ce-drw")
+    rec = store.density_record(path, 0, 2)  # the only run with density entries needs no --run
+    assert store.run_of(path, rec).label == "seedB/ce-drw"
+
+
+def test_run_labels_grow_until_folders_differ(tmp_path):
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(1, 0, 1.0, -1.0, run="ce", parent="/a/s1"))
+        w.write(make_record(1, 0, 1.0, -1.0, run="ce", parent="/b/s1"))
+    assert store.runs(path) == ["a/s1/ce", "b/s1/ce"]
