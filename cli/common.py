@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
@@ -23,6 +24,7 @@ from spectra import distributed as sd
 from spectra.analysis import KINDS, LOSSES, AnalysisSettings, LoadOptions
 from spectra.class_data import DataOptions
 from spectra.store import ResultRecord
+from spectra.trace import MIN_PROBES
 
 __all__ = [
     "handle_errors",
@@ -34,6 +36,9 @@ __all__ = [
     "density_options",
     "trace_options",
     "output_options",
+    "FiniteFloatRange",
+    "FigurePath",
+    "check_analysis_options",
     "load_options_from",
     "data_options_from",
     "settings_from",
@@ -131,6 +136,43 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
     return parsed
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float in a range that is also finite: click's ``FloatRange`` lets NaN
+    through (every comparison with NaN is false) and ±inf when a side is open-ended."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class FigurePath(click.Path):
+    """A figure file to be written later: checked before any work is done, so a
+    long computation is not lost to a bad name. The folder must exist and be
+    writable, and the suffix must be a format matplotlib writes (png, pdf, svg, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        path = Path(super().convert(value, param, ctx))
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = sorted(FigureCanvasBase.get_supported_filetypes())
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix not in formats:
+            self.fail(f"{str(path)!r} does not end in a figure format ({', '.join(formats)}).", param, ctx)
+        folder = path.parent
+        if not folder.is_dir():
+            self.fail(f"folder {str(folder)!r} does not exist.", param, ctx)
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            self.fail(f"{str(path)!r} is not writable.", param, ctx)
+        return str(path)
+
+
 checkpoint_options = compose(
     click.option("--arch", default=None, metavar="NAME",
                  help="Architecture for plain state_dicts: a built-in (resnet32, ...) or package.module:Class."),
@@ -149,7 +191,8 @@ data_options = compose(
                  help="Folder with cifar-10-batches-py / cifar-100-python (default: $SPECTRA_DATA_ROOT "
                       "or ~/.cache/spectra/data)."),
     click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True),
-    click.option("--imbalance-ratio", type=float, default=None, help="Long-tailed ratio n_max/n_min (default 100)."),
+    click.option("--imbalance-ratio", type=FiniteFloatRange(min=1), default=None,
+                 help="Long-tailed ratio n_max/n_min (default 100)."),
     click.option("--profile", type=click.Choice(["exp", "step"]), default=None, help="Long-tailed profile."),
     click.option("--lt-seed", type=int, default=None, help="Seed of the long-tailed subsampling (default 0)."),
     click.option("--download", is_flag=True, help="Fetch the official CIFAR archive (checks its md5)."),
@@ -177,22 +220,24 @@ compute_options = compose(
 eigs_options = compose(
     click.option("--top-k", type=click.IntRange(min=0), default=1, show_default=True, help="Largest eigenvalues."),
     click.option("--bottom-k", type=click.IntRange(min=0), default=1, show_default=True, help="Smallest eigenvalues."),
-    click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
-                 help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|."),
+    click.option("--tol", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
+                 show_default=True, help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|."),
     click.option("--max-iter", type=click.IntRange(min=1), default=200, show_default=True,
-                 help="Most Hessian-vector products."),
+                 help="Hessian-vector products allowed for the Lanczos iteration (at least top-k + bottom-k); "
+                      "measuring the final residuals adds max(top-k, bottom-k) more per end asked for "
+                      "(so --max-iter 2 spends at most 4 with the defaults)."),
 )
 
 density_options = compose(
     click.option("--probes", type=click.IntRange(min=1), default=4, show_default=True, help="SLQ probe vectors."),
     click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True, help="Lanczos steps per probe."),
-    click.option("--sigma", type=click.FloatRange(min=0, min_open=True), default=None,
+    click.option("--sigma", type=FiniteFloatRange(min=0, min_open=True), default=None,
                  help="Gaussian kernel width (default: sqrt(1e-5·max(1, spread)))."),
 )
 
 trace_options = compose(
-    click.option("--trace-probes", type=click.IntRange(min=1), default=30, show_default=True,
-                 help="Hessian-vector products spent on the trace."),
+    click.option("--trace-probes", type=click.IntRange(min=min(MIN_PROBES.values())), default=30, show_default=True,
+                 help="Hessian-vector products spent on the trace (hutch++: at least 4, hutchinson: 2)."),
     click.option("--trace-method", type=click.Choice(["hutch++", "hutchinson"]), default="hutch++",
                  show_default=True),
 )
@@ -202,6 +247,28 @@ output_options = compose(
                  help="Also store the results in this HDF5 file."),
     click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON result (only that) on stdout."),
 )
+
+
+def check_analysis_options(opts: dict[str, Any], kinds: Iterable[str]) -> None:
+    """Refuse option combinations that cannot give the answer asked for, before any work.
+
+    eigs: the Lanczos basis needs a column per wanted eigenvalue, so
+    ``--max-iter >= --top-k + --bottom-k`` (else the ends share Ritz values).
+    trace: each method's minimum number of probes (:data:`spectra.trace.MIN_PROBES`).
+    """
+    kinds = set(kinds)
+    if "eigs" in kinds:
+        wanted = opts["top_k"] + opts["bottom_k"]
+        if 0 < wanted and opts["max_iter"] < wanted:
+            raise click.BadParameter(
+                f"{opts['max_iter']} is fewer than the {wanted} eigenvalues asked for (--top-k {opts['top_k']} "
+                f"+ --bottom-k {opts['bottom_k']}), which need a Lanczos vector each; use {wanted} or more.",
+                param_hint="'--max-iter'")
+    if "trace" in kinds:
+        method, probes = opts["trace_method"], opts["trace_probes"]
+        if probes < MIN_PROBES[method]:
+            raise click.BadParameter(f"{method} needs at least {MIN_PROBES[method]} probes, got {probes}.",
+                                     param_hint="'--trace-probes'")
 
 
 def load_options_from(opts: dict[str, Any]) -> LoadOptions:

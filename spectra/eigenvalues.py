@@ -128,12 +128,15 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
     with full re-orthogonalisation, from a Gaussian start block drawn with
     ``seed``. Stops when every wanted Ritz pair has residual
     ``||H y - θ y|| <= tol * max|θ|`` (a relative residual against the spectral
-    norm estimate), or after ``max_iter`` products (``converged=False`` then).
+    norm estimate), or when ``max_iter`` products are spent (``converged=False`` then).
 
     Args:
         k: eigenvalues per end. which: ``"top"``, ``"bottom"`` or ``"both"``.
         tol: relative residual tolerance. max_iter: most products in the
-            Krylov recurrence (the final check adds one block of up to 2k).
+            Krylov recurrence and its intermediate residual checks; the final
+            check adds one product per returned Ritz pair (k per end, fewer when
+            the basis is smaller). With fewer than ``k`` (``"both"``: ``2k``)
+            products the two ends share Ritz pairs.
         block_size: vectors per product; on GPUs a block costs little more
             than one vector, and blocks resolve multiple eigenvalues.
         max_basis: basis columns before a thick restart (default: enough for
@@ -176,10 +179,14 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
         bar.set_postfix(lmax=f"{values[-1]:.4g}", lmin=f"{values[0]:.4g}",
                         res=f"{float(estimates[idx].max()) / scale:.1e}")
         full, spent = space.m >= dim, used + checks + cur > max_iter
-        if full or spent or bool(np.all(estimates[idx] <= target * scale)):
+        # Not before the basis holds a Ritz pair per wanted value: an invariant start
+        # space (low-rank H) would else "converge" with top and bottom sharing pairs.
+        enough = space.m >= min(dim, wanted_count)
+        if full or spent or (enough and bool(np.all(estimates[idx] <= target * scale))):
             result = _finish(H, space, values, vectors, top, bottom, tol, scale, used + checks,
                              iterations, restarts, which, b, return_vectors)
             checks += len(idx)
+            spent = used + checks + cur > max_iter  # the check's products count against the budget
             # In low precision the recurrence's residual can undershoot the true one:
             # keep iterating on a stricter target while the budget allows.
             if result.converged or full or spent or target < tol * 1e-3:

@@ -296,3 +296,162 @@ def test_info_labels_same_name_runs_and_closed_pipe_is_quiet(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(120)
     assert proc.returncode == 1 and err == "", err
+
+
+# ------------------------------------------------------------------ analysis options and partial results
+def assert_option_error(result, option: str, pattern: str) -> str:
+    """A refused option value: exit 2, one ``Error: Invalid value for 'OPTION'`` line, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    import re
+
+    assert lines[0].startswith(f"Error: Invalid value for '{option}'") and re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_analysis(monkeypatch):
+    """Fails the test if any class is analysed: the command had to stop before."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a class was analysed although the arguments were invalid")
+
+    monkeypatch.setattr("spectra_cli.analyze.analyse_class", forbidden)
+    monkeypatch.setattr("spectra.sweep.analyse_class", forbidden)
+
+
+def test_non_finite_and_out_of_range_floats_are_refused(env, tmp_path, no_analysis):
+    ck, data = env["ckpt"], ["--data-root", env["root"], "--device", "cpu"]
+    cases = [
+        (["eigs", "--tol", "inf"], "--tol", r"not in the range 0<x<1"),
+        (["eigs", "--tol", "nan"], "--tol", r"'nan' is not a finite number"),
+        (["eigs", "--tol", "1"], "--tol", r"not in the range 0<x<1"),
+        (["density", "--sigma", "nan"], "--sigma", r"'nan' is not a finite number"),
+        (["density", "--sigma", "inf"], "--sigma", r"'inf' is not a finite number"),
+        (["density", "--sigma", "0"], "--sigma", r"not in the range x>0"),
+        (["trace", "--imbalance-ratio", "nan"], "--imbalance-ratio", r"'nan' is not a finite number"),
+        (["trace", "--imbalance-ratio", "0.5"], "--imbalance-ratio", r"not in the range x>=1"),
+    ]
+    for (command, *option), name, pattern in cases:
+        assert_option_error(invoke(command, ck, "--class", "0", *option, *data), name, pattern)
+    out = tmp_path / "s.h5"
+    assert_option_error(invoke("sweep", ck, "--out", out, "--tol", "nan", *data), "--tol", r"not a finite number")
+    assert not out.exists()
+
+
+def test_max_iter_must_cover_the_eigenvalues_asked_for(env, no_analysis):
+    data = ["--data-root", env["root"], "--device", "cpu"]
+    assert_option_error(invoke("eigs", env["ckpt"], "--class", "0", "--max-iter", "1", *data), "--max-iter",
+                        r"1 is fewer than the 2 eigenvalues asked for \(--top-k 1 \+ --bottom-k 1\)")
+    assert_option_error(invoke("eigs", env["ckpt"], "--class", "0", "--top-k", "5", "--bottom-k", "5",
+                               "--max-iter", "3", *data), "--max-iter", r"use 10 or more")
+
+
+def test_max_iter_is_the_lanczos_budget_plus_the_final_check(env):
+    """--max-iter 2 with the defaults: 2 products of Lanczos + 2 to measure the residuals."""
+    res = invoke("eigs", env["ckpt"], "--class", "0", "--max-iter", "2", "--tol", "1e-12", "--json",
+                 "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    assert entry["num_matvecs"] == 4 and not entry["converged"]
+    assert entry["results"]["top"][0] > entry["results"]["bottom"][0]  # two Ritz values, not one shared
+
+
+def test_one_end_only(env, tmp_path):
+    out = tmp_path / "r.h5"
+    for end, other in (("--bottom-k", "top"), ("--top-k", "bottom")):
+        res = invoke("sweep", env["ckpt"], "--classes", "0", "--out", out, end, "0", *fast(env))
+        assert res.exit_code == 0, res.output
+        assert "computed 1, skipped 0" in res.stdout and "Traceback" not in res.stderr
+        res = invoke("eigs", env["ckpt"], "--class", "0", end, "0", *fast(env))
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    records = store.read_results(out)
+    assert sorted((len(r.arrays["top"]), len(r.arrays["bottom"])) for r in records) == [(0, 1), (1, 0)]
+
+
+def test_sweep_checks_classes_and_probes_before_any_job(env, tmp_path, no_analysis):
+    out = tmp_path / "s.h5"
+    run_dir = env["runs"]["ce-drw"][0].parent
+    assert_user_error(invoke("sweep", run_dir, "--classes", "99", "--out", out, *fast(env)),
+                      r"^Error: class 99 is out of range: the data set has 10 classes")
+    assert_user_error(invoke("sweep", run_dir, "--classes", "foo", "--out", out, *fast(env)),
+                      r"^Error: unknown class 'foo'")
+    assert_option_error(invoke("sweep", run_dir, "--trace", "--trace-probes", "2", "--out", out, *fast(env)),
+                        "--trace-probes", r"hutch\+\+ needs at least 4 probes, got 2")
+    assert_option_error(invoke("sweep", run_dir, "--trace", "--trace-probes", "1", "--trace-method", "hutchinson",
+                               "--out", out, *fast(env)), "--trace-probes", r"x>=2")
+    assert not out.exists() and not (tmp_path / "s.h5.lock").exists()
+    assert_option_error(invoke("trace", env["ckpt"], "--class", "0", "--trace-probes", "3", "--data-root", env["root"]),
+                        "--trace-probes", r"hutch\+\+ needs at least 4 probes, got 3")
+
+
+def test_sweep_progress_knows_its_total_from_the_start(env, tmp_path):
+    run_dir = env["runs"]["ce-drw"][0].parent  # 3 checkpoints
+    res = invoke("sweep", run_dir, "--classes", "0,1", "--out", tmp_path / "s.h5", *fast(env))
+    assert res.exit_code == 0, res.output
+    assert "sweep:   0%|          | 0/6" in res.stderr and "?job/s]" not in res.stderr.split("0/6")[0]
+
+
+def test_trace_shows_progress(env):
+    res = invoke("trace", env["ckpt"], "--class", "0,1", "--trace-probes", "9", "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "trace:   0%|          | 0/2" in res.stderr  # the classes of the command, on stderr
+    assert "trace" not in res.stdout.splitlines()[0]
+
+
+def test_density_plot_path_is_checked_before_computing(env, tmp_path, no_analysis):
+    data = ["--data-root", env["root"], "--device", "cpu"]
+    for plot, pattern in ((tmp_path / "x.txt", r"does not end in a figure format \(.*png"),
+                          (tmp_path / "x", r"does not end in a figure format"),
+                          (tmp_path / "missing" / "x.png", r"folder '.*missing' does not exist")):
+        assert_option_error(invoke("density", env["ckpt"], "--class", "0", "--plot", plot, *data), "--plot", pattern)
+
+
+def test_density_plots_each_class_as_it_is_done(env, tmp_path):
+    res = invoke("density", env["ckpt"], "--class", "0,1", "--probes", "1", "--steps", "5", "--plot",
+                 tmp_path / "d.svg", "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-class0.svg", "d-class1.svg"]
+
+
+def _fail_on_class(monkeypatch, bad: int, error: BaseException) -> None:
+    from spectra_cli import analyze
+
+    real = analyze.analyse_class
+
+    def analyse(checkpoint, data, *args, **kwargs):
+        if data.class_index == bad:
+            raise error
+        return real(checkpoint, data, *args, **kwargs)
+
+    monkeypatch.setattr(analyze, "analyse_class", analyse)
+
+
+@pytest.mark.parametrize("command", ["eigs", "density", "trace"])
+def test_finished_classes_are_stored_when_a_later_class_fails(env, tmp_path, monkeypatch, command):
+    from spectra.analysis import AnalysisError
+
+    _fail_on_class(monkeypatch, 2, AnalysisError("the loss is not finite (nan) on class 2"))
+    out = tmp_path / "r.h5"
+    own = {"eigs": ["--tol", "1e-4"], "density": ["--probes", "1", "--steps", "5"], "trace": ["--trace-probes", "4"]}
+    res = invoke(command, env["ckpt"], "--class", "0,1,2", "--out", out, *own[command],
+                 "--data-root", env["root"], "--device", "cpu")
+    assert_user_error(res, r"loss is not finite \(nan\) on class 2")
+    assert "stored 2 entries (the finished classes)" in res.stderr
+    assert sorted(r.class_index for r in store.read_results(out)) == [0, 1]
+
+
+def test_finished_classes_are_stored_when_interrupted(env, tmp_path, monkeypatch):
+    _fail_on_class(monkeypatch, 1, KeyboardInterrupt())
+    out = tmp_path / "r.h5"
+    res = invoke("eigs", env["ckpt"], "--class", "0,1", "--out", out, *fast(env))
+    assert res.exit_code == 1 and "Aborted" in res.stderr and "stored 1 entry (the finished classes)" in res.stderr
+    assert [r.class_index for r in store.read_results(out)] == [0]
+
+
+def test_empty_class_is_refused_before_any_class_is_computed(env, tmp_path, no_analysis):
+    out = tmp_path / "r.h5"
+    res = invoke("eigs", env["ckpt"], "--class", "0,9", "--dataset", "cifar10-lt", "--out", out, *fast(env))
+    assert_user_error(res, r"class 9 \(truck\) has no samples")
+    assert not out.exists()

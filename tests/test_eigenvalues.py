@@ -131,3 +131,34 @@ def test_float32_keeps_iterating_until_measured_residuals_meet_tol(dense_cache):
     assert max(res.top_residuals.max(), res.bottom_residuals.max()) <= 1e-5 * res.scale
     np.testing.assert_allclose(res.top, ev[::-1][:2], atol=1e-5 * scale, rtol=0)
     np.testing.assert_allclose(res.bottom, ev[:2], atol=1e-5 * scale, rtol=0)
+
+
+def test_an_invariant_start_space_does_not_stop_before_k_values_per_end():
+    """Start vector = the eigenvector of a rank-1 H: the first Ritz pair is exact,
+    but k=2 per end needs 4 basis vectors, else top and bottom share the one pair."""
+    from spectra.lanczos import random_probes
+
+    u = random_probes(10, 1, 0, "gaussian", torch.device("cpu"))  # eigenvalues() draws this start
+    a = 3.0 * (u @ u.T) / float(u.norm()) ** 2
+
+    class Dense:
+        dim, device = 10, torch.device("cpu")
+
+        def matmul(self, v):
+            return a @ v
+
+    res = spectra.eigenvalues(Dense(), k=2, which="both", tol=1e-8)
+    assert res.converged and len(res.top) == 2 and len(res.bottom) == 2
+    np.testing.assert_allclose(res.top, [3.0, 0.0], atol=1e-10)
+    np.testing.assert_allclose(res.bottom, [0.0, 0.0], atol=1e-10)
+
+
+@pytest.mark.parametrize("max_iter", [18, 20, 22])
+def test_max_iter_bounds_everything_but_the_final_check(dense_cache, max_iter):
+    """float32 misses tol 1e-8, so failed intermediate checks happen; their products
+    count against max_iter, and only the final check (2 products, k=1) comes on top."""
+    problem, _ = dense_cache("cnn")
+    H = problem.operator(dtype=torch.float32)
+    res = spectra.eigenvalues(H, k=1, tol=1e-8, max_iter=max_iter)
+    assert not res.converged
+    assert res.num_matvecs == H.num_matvecs <= max_iter + 2

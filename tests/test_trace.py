@@ -1,4 +1,5 @@
 """Hutchinson and Hutch++ against dense traces."""
+import numpy as np
 import pytest
 import torch
 
@@ -50,7 +51,41 @@ def test_bad_arguments(dense_cache):
     H = problem.operator()
     with pytest.raises(ValueError, match="unknown trace method"):
         spectra.trace(H, method="exact")
-    with pytest.raises(ValueError, match="at least 3"):
-        spectra.trace(H, num_probes=2)
+    with pytest.raises(ValueError, match="at least 4"):
+        spectra.trace(H, num_probes=3)
     with pytest.raises(ValueError, match="at least 2"):
         spectra.trace(H, num_probes=1, method="hutchinson")
+
+
+def test_progress_bar_counts_every_product(dense_cache, capsys, monkeypatch):
+    import importlib
+
+    trace_module = importlib.import_module("spectra.trace")  # spectra.trace is the function
+    real, bars = trace_module.progress_bar, []
+
+    def recording_bar(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(trace_module, "progress_bar", recording_bar)
+    problem, _ = dense_cache("mlp")
+    quiet, shown = problem.operator(), problem.operator()
+    a = spectra.trace(quiet, num_probes=25, method="hutch++", seed=3)
+    b = spectra.trace(shown, num_probes=25, method="hutch++", seed=3, progress=True)
+    assert "trace:   0%" in capsys.readouterr().err  # on stderr, with its total from the start
+    assert bars[0].n == 0 and bars[1].total == bars[1].n == 25  # quiet: a no-op bar; shown: a step per product
+    assert a.estimate == b.estimate and quiet.num_matvecs == shown.num_matvecs == 25
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_min_probes_is_the_exact_minimum(dense_cache, method):
+    """MIN_PROBES (which the CLI checks options against) is what trace() accepts,
+    and the least that gives a finite standard error (hutch++ with 3 gave NaN)."""
+    from spectra.trace import MIN_PROBES
+
+    problem, _ = dense_cache("mlp")
+    least = MIN_PROBES[method]
+    result = spectra.trace(problem.operator(), num_probes=least, method=method)
+    assert result.num_matvecs == least and np.isfinite(result.stderr) and result.stderr > 0
+    with pytest.raises(ValueError, match=f"at least {least}"):
+        spectra.trace(problem.operator(), num_probes=least - 1, method=method)
