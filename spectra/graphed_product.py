@@ -52,13 +52,15 @@ class _Slot:
         self.real = real.clone() if real is not None else None
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.out: Optional[Tensor] = None
-        self.tangents_of: Optional[int] = None  # id() of the tangent dict last copied in
+        # The tangent dict last copied in, held (not its id(): a freed dict's id is
+        # reused by the next one, which would silently skip copying new vectors).
+        self.tangents_of: Optional[dict[str, Tensor]] = None
 
     def load(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor, real: Optional[Tensor]) -> None:
-        if self.tangents_of != id(tangents):  # one block product reuses its tangents for every batch
+        if self.tangents_of is not tangents:  # one block product reuses its tangents for every batch
             for n, t in tangents.items():
                 self.tangents[n].copy_(t)
-            self.tangents_of = id(tangents)
+            self.tangents_of = tangents
         self.x.copy_(x)
         self.y.copy_(y)
         if real is not None:
@@ -98,7 +100,7 @@ class GraphedProduct:
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot(tangents, x, y, real)
-            slot.tangents_of = id(tangents)
+            slot.tangents_of = tangents
             if self.capture:
                 return self._capture(slot, key)
         else:

@@ -60,3 +60,12 @@ def test_captured_products_match_eager_products_on_a_gpu():
     for _ in range(2):  # first call captures, second replays
         torch.testing.assert_close(graphed @ v, eager @ v, rtol=1e-10, atol=1e-12)
     assert graphed._product.failed is None and graphed._product.num_captures >= 1
+
+
+def test_fresh_tangent_dicts_are_always_copied_in():
+    """A freed dict's id() is reused by the next one: only the same dict object may skip the copy."""
+    product = GraphedProduct(lambda t, x, y, real: t["w"] * x.sum(), capture=False)
+    x, y, real = torch.ones(4, 2), torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool)
+    for i in range(20):
+        out = product({"w": torch.full((2, 3), float(i))}, x, y, real)
+        torch.testing.assert_close(out, torch.full((2, 3), 8.0 * i))
