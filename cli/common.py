@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
@@ -150,27 +149,20 @@ class FiniteFloatRange(click.FloatRange):
 
 
 class FigurePath(click.Path):
-    """A figure file to be written later: checked before any work is done, so a
-    long computation is not lost to a bad name. The folder must exist and be
-    writable, and the suffix must be a format matplotlib writes (png, pdf, svg, ...)."""
+    """A figure file to be written later, checked before any work is done so a
+    long computation is not lost to a bad name (:func:`spectra.plots.image_path`:
+    existing writable folder, a format matplotlib writes; no suffix → ``.png``)."""
 
     def __init__(self) -> None:
         super().__init__(dir_okay=False)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        path = Path(super().convert(value, param, ctx))
-        from matplotlib.backend_bases import FigureCanvasBase
+        from spectra.plots import image_path
 
-        formats = sorted(FigureCanvasBase.get_supported_filetypes())
-        suffix = path.suffix.lower().lstrip(".")
-        if suffix not in formats:
-            self.fail(f"{str(path)!r} does not end in a figure format ({', '.join(formats)}).", param, ctx)
-        folder = path.parent
-        if not folder.is_dir():
-            self.fail(f"folder {str(folder)!r} does not exist.", param, ctx)
-        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            self.fail(f"{str(path)!r} is not writable.", param, ctx)
-        return str(path)
+        try:
+            return str(image_path(super().convert(value, param, ctx)))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 checkpoint_options = compose(

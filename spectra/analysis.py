@@ -315,7 +315,8 @@ def _compute(H: Any, settings: AnalysisSettings, progress: bool) -> tuple[dict[s
         arrays = {"nodes": np.asarray(res.nodes, np.float64), "weights": np.asarray(res.weights, np.float64),
                   "grid": np.asarray(res.grid, np.float64), "values": np.asarray(res.values, np.float64)}
         return arrays, {"sigma": float(res.sigma)}
-    res = spectra.trace(H, num_probes=settings.trace_probes, method=settings.trace_method, seed=settings.seed)
+    res = spectra.trace(H, num_probes=settings.trace_probes, method=settings.trace_method, seed=settings.seed,
+                        progress=progress)
     return ({"estimate": np.asarray(res.estimate, np.float64), "stderr": np.asarray(res.stderr, np.float64)},
             {"trace_method": res.method})
 

@@ -81,8 +81,8 @@ def image_path(out: str | os.PathLike[str]) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise ValueError(f"folder {folder} of the output image does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"folder {folder} of the output image is not writable")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{path} is not writable")
     return path
 
 

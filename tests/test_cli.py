@@ -402,9 +402,8 @@ def test_trace_shows_progress(env):
 
 def test_density_plot_path_is_checked_before_computing(env, tmp_path, no_analysis):
     data = ["--data-root", env["root"], "--device", "cpu"]
-    for plot, pattern in ((tmp_path / "x.txt", r"does not end in a figure format \(.*png"),
-                          (tmp_path / "x", r"does not end in a figure format"),
-                          (tmp_path / "missing" / "x.png", r"folder '.*missing' does not exist")):
+    for plot, pattern in ((tmp_path / "x.txt", r"cannot write a \.txt image .*\.png"),
+                          (tmp_path / "missing" / "x.png", r"folder .*missing of the output image does not exist")):
         assert_option_error(invoke("density", env["ckpt"], "--class", "0", "--plot", plot, *data), "--plot", pattern)
 
 
