@@ -186,7 +186,8 @@ data_options = compose(
     click.option("--imbalance-ratio", type=FiniteFloatRange(min=1), default=None,
                  help="Long-tailed ratio n_max/n_min (default 100)."),
     click.option("--profile", type=click.Choice(["exp", "step"]), default=None, help="Long-tailed profile."),
-    click.option("--lt-seed", type=int, default=None, help="Seed of the long-tailed subsampling (default 0)."),
+    click.option("--lt-seed", type=click.IntRange(0, 2 ** 32 - 1), default=None,
+                 help="Seed of the long-tailed subsampling (default 0)."),
     click.option("--download", is_flag=True, help="Fetch the official CIFAR archive (checks its md5)."),
     click.option("--max-samples", type=click.IntRange(min=1), default=None,
                  help="Use at most this many samples per class (the first ones)."),
@@ -196,7 +197,8 @@ data_options = compose(
 
 compute_options = compose(
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random start/probe vectors."),
+    click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True,
+                 help="Seed of the random start/probe vectors."),
     click.option("--params", "param_patterns", multiple=True, metavar="PATTERN",
                  help="Restrict the Hessian to parameters matching this name or fnmatch pattern "
                       "(repeatable), e.g. 'layer3.*' or 'linear.weight'."),

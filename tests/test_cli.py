@@ -332,6 +332,8 @@ def test_non_finite_and_out_of_range_floats_are_refused(env, tmp_path, no_analys
         (["density", "--sigma", "0"], "--sigma", r"not in the range x>0"),
         (["trace", "--imbalance-ratio", "nan"], "--imbalance-ratio", r"'nan' is not a finite number"),
         (["trace", "--imbalance-ratio", "0.5"], "--imbalance-ratio", r"not in the range x>=1"),
+        (["eigs", "--seed", "99999999999999999999999"], "--seed", r"not in the range 0<=x<=9223372036854775807"),
+        (["eigs", "--lt-seed", "-1"], "--lt-seed", r"not in the range 0<=x<=4294967295"),
     ]
     for (command, *option), name, pattern in cases:
         assert_option_error(invoke(command, ck, "--class", "0", *option, *data), name, pattern)
