@@ -95,14 +95,17 @@ def build(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-VARIANTS = ("eager", "graphs", "compile")
+# eager: method "auto" (double backward for single vectors on a CPU, vmap'd forward-over-reverse
+# otherwise); eager-fxr: forward-over-reverse throughout (the engine's earlier default).
+VARIANTS = ("eager", "eager-fxr", "graphs", "compile")
 
 
 def operator(model, data, args, device, dtype=torch.float32, variant="eager") -> spectra.HessianOperator:
     """The operator of one product variant (the float64 reference is always eager)."""
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
                                    batch_size=args.batch_size, compile=variant == "compile",
-                                   graphs=variant == "graphs")
+                                   graphs=variant == "graphs",
+                                   method="forward-over-reverse" if variant == "eager-fxr" else "auto")
 
 
 def bench_products(H: spectra.HessianOperator, device: torch.device, blocks=(4, 8)) -> dict[str, float]:
@@ -206,7 +209,7 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
     for variant in args.variants:
         H = operator(model, batches, args, device, variant=variant)
         result["dim"] = H.dim
-        entry = {"products": bench_products(H, device), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes)}
+        entry = {"products": bench_products(H, device, tuple(args.product_blocks)), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes)}
         failed = getattr(H._product, "failed", None)
         if failed:
             entry["graphs_failed"] = failed
@@ -214,9 +217,10 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
         print(f"  {variant}: {json.dumps(entry['products'])}", flush=True)
     variant, block = best_setting(result, args.variants)
     result["best"] = {"variant": variant, "block": block}
-    dens, secs = timed(lambda: spectra.density(operator(model, batches, args, device, variant=variant),
-                                               num_probes=4, num_steps=80), device)
-    result["spectra_density_4x80_s"] = secs
+    if not args.no_density:
+        dens, secs = timed(lambda: spectra.density(operator(model, batches, args, device, variant=variant),
+                                                   num_probes=4, num_steps=80), device)
+        result["spectra_density_4x80_s"] = secs
     if not args.skip_others:
         result["pyhessian"] = bench_pyhessian(model, x, y, device, refd)
         result["curvlinops"] = bench_curvlinops(model, batches, device, refd, args.tol)
@@ -277,6 +281,8 @@ def main() -> None:
                    help="product variants to measure: eager, graphs (CUDA graphs), compile (needs --batch-size); "
                         "first products (compilation / capture) are timed apart")
     p.add_argument("--skip-others", action="store_true", help="spectra only")
+    p.add_argument("--no-density", action="store_true", help="skip the compared class's density timing")
+    p.add_argument("--product-blocks", type=int, nargs="+", default=[4, 8], help="block sizes timed in 'products'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json")
     args = p.parse_args()

@@ -109,7 +109,7 @@ class AnalysisSettings:
     dtype: str = "float32"
     loss: str = "ce"
     params: tuple[str, ...] | None = None
-    hvp_method: str = "forward-over-reverse"
+    hvp_method: str = "auto"
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
@@ -121,8 +121,8 @@ class AnalysisSettings:
             raise AnalysisError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
         if self.top_k < 0 or self.bottom_k < 0 or self.top_k + self.bottom_k == 0:
             raise AnalysisError("ask for at least one eigenvalue (--top-k / --bottom-k)")
-        if self.cuda_graphs and self.hvp_method != "forward-over-reverse":
-            raise AnalysisError("CUDA graphs need --hvp forward-over-reverse")
+        if self.cuda_graphs and self.hvp_method == "double-backward":
+            raise AnalysisError("CUDA graphs need --hvp forward-over-reverse (or auto)")
         if self.params is not None:
             object.__setattr__(self, "params", tuple(self.params))
 

@@ -24,7 +24,7 @@ from .graphed_product import GraphedProduct, padded_rows
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 ParamSpec = Union[None, str, Sequence[Union[str, nn.Parameter]]]
-METHODS = ("forward-over-reverse", "double-backward")
+METHODS = ("auto", "forward-over-reverse", "double-backward")
 
 
 def select_parameters(model: nn.Module, params: ParamSpec) -> list[str]:
@@ -125,8 +125,13 @@ class HessianOperator:
         dtype: compute dtype (default: the model's); floating inputs are cast.
         device: compute device (default: the model's).
         method: ``"forward-over-reverse"`` (``torch.func`` jvp of grad; several
-            vectors per pass through ``vmap``) or ``"double-backward"``
-            (autograd; for models ``torch.func`` cannot trace).
+            vectors per pass through ``vmap``), ``"double-backward"``
+            (autograd; for models ``torch.func`` cannot trace) or ``"auto"``
+            (default): double backward for single vectors on a CPU, where it
+            was measured 20 % faster (ResNet-8, 195 images, one thread: 0.74 s
+            vs 0.93 s per product), forward-over-reverse otherwise (blocks go
+            through ``vmap``; on GPUs the two cost the same per single vector).
+            Both are exact; they differ only in rounding.
         eval_mode: evaluate the model in eval mode (default; BatchNorm uses its
             running statistics, dropout is off), which makes H a fixed matrix.
             ``False`` uses train mode (batch statistics, double backward only).
@@ -160,15 +165,17 @@ class HessianOperator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: DataLike,
                  params: ParamSpec = None, dtype: Optional[torch.dtype] = None,
                  device: Union[None, str, torch.device] = None,
-                 method: str = "forward-over-reverse", *, eval_mode: bool = True,
+                 method: str = "auto", *, eval_mode: bool = True,
                  batch_size: Optional[int] = None, cache_data: bool = True,
                  max_block: Optional[int] = None, allow_tf32: bool = False,
                  distributed: Optional[bool] = None, compile: bool = False,
                  graphs: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-        if not eval_mode and method == "forward-over-reverse":
+        if not eval_mode and method != "double-backward":
             method = "double-backward"  # in-place BatchNorm updates cannot be vmapped
+        if (compile or graphs) and method == "auto":
+            method = "forward-over-reverse"  # the product that compiles / captures
         first = next(iter(model.parameters()), None)
         if first is None:
             raise ValueError("the model has no parameters")
@@ -392,7 +399,7 @@ class HessianOperator:
         tangents = self._split(cols)
         k = cols.shape[1]
         acc = torch.zeros(k, self.dim, dtype=torch.float64, device=self.device)
-        product = self._hvp_forward_over_reverse if self.method == "forward-over-reverse" else self._hvp_double_backward
+        product = self._hvp_forward_over_reverse if self._uses_vmap(k) else self._hvp_double_backward
         static_shapes = self.compile or self.graphs
         with _backend_flags(self.allow_tf32, True if static_shapes else None), _mode(self.model, not self.eval_mode):
             for x, y, real in self._product_batches():
@@ -401,6 +408,12 @@ class HessianOperator:
         self.num_passes += 1
         acc = self._all_reduce(acc)
         return acc.T.div_(self.num_samples)
+
+    def _uses_vmap(self, k: int) -> bool:
+        """Whether a block of k vectors goes through forward-over-reverse (else double backward)."""
+        if self.method == "auto":
+            return k > 1 or self.device.type != "cpu"
+        return self.method == "forward-over-reverse"
 
     def _make_product(self) -> Callable[..., Tensor]:
         """vmap over tangents of jvp(grad(batch loss)): k HVPs of one batch in one pass."""

@@ -10,7 +10,7 @@ from spectra.graphed_product import padded_rows
 NAMES = list(PROBLEMS)
 
 
-@pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward"])
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "double-backward"])
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_dense_hessian(dense_cache, name, method):
     problem, dense = dense_cache(name)
@@ -168,3 +168,22 @@ def test_with_data_shares_the_product_and_gives_the_other_hessian(dense_cache):
     torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
     with pytest.raises(ValueError, match="empty"):
         H.with_data([])
+
+
+def test_auto_method_uses_double_backward_for_single_vectors_on_a_cpu(dense_cache, monkeypatch):
+    problem, dense = dense_cache("cnn")
+    H = problem.operator()
+    assert H.method == "auto" and not H._uses_vmap(1) and H._uses_vmap(3)
+    calls = []
+    for name in ("_hvp_forward_over_reverse", "_hvp_double_backward"):
+        original = getattr(H, name)
+        monkeypatch.setattr(H, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    v = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    scale = 1e-12 * dense.abs().max() * H.dim ** 0.5
+    torch.testing.assert_close(H @ v[:, 0], dense @ v[:, 0], rtol=0, atol=scale)
+    torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=scale)
+    batches = len(problem.batches)
+    assert calls == ["_hvp_double_backward"] * batches + ["_hvp_forward_over_reverse"] * batches
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        assert problem.operator(graphs=True).method == "forward-over-reverse"  # the product that is captured
+    assert problem.operator(eval_mode=False).method == "double-backward"
