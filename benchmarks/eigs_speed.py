@@ -95,9 +95,10 @@ def build(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-# eager: method "auto" (double backward for single vectors on a CPU, vmap'd forward-over-reverse
-# otherwise); eager-fxr: forward-over-reverse throughout (the engine's earlier default).
-VARIANTS = ("eager", "eager-fxr", "graphs", "compile")
+# eager: method "auto" (double backward on a CPU, vmap'd forward-over-reverse on a GPU);
+# eager-fxr / eager-db: forward-over-reverse / double backward forced.
+VARIANTS = ("eager", "eager-fxr", "eager-db", "graphs", "compile")
+METHOD_OF = {"eager-fxr": "forward-over-reverse", "eager-db": "double-backward"}
 
 
 def operator(model, data, args, device, dtype=torch.float32, variant="eager") -> spectra.HessianOperator:
@@ -105,7 +106,7 @@ def operator(model, data, args, device, dtype=torch.float32, variant="eager") ->
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
                                    batch_size=args.batch_size, compile=variant == "compile",
                                    graphs=variant == "graphs",
-                                   method="forward-over-reverse" if variant == "eager-fxr" else "auto")
+                                   method=METHOD_OF.get(variant, "auto"))
 
 
 def bench_products(H: spectra.HessianOperator, device: torch.device, blocks=(4, 8)) -> dict[str, float]:

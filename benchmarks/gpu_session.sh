@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool), in one of two parts (one 10-minute command each):
-#   PART=eigs  (default) spectra eigen/density benchmark against PyHessian and curvlinops,
+#   PART=eigs  (default; ≈ 9.5 min with its timeouts: run with timeout_s 600, EIG_COMPILE=0)
+#              spectra eigen/density benchmark against PyHessian and curvlinops,
 #              product variants eager / CUDA graphs (/ torch.compile with EIG_COMPILE=1),
 #              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent).
 #   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds).
@@ -26,8 +27,8 @@ else
 fi
 if [ "$PART" = eigs ]; then
 echo "== spectra eigenvalues/density benchmark"
-timeout ${EIG_TIMEOUT:-330} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-  --compare-class 3 --all-classes --variants eager graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
+timeout ${EIG_TIMEOUT:-300} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+  --compare-class 3 --all-classes --variants eager eager-db graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
   | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
 if [ "${EIG_COMPILE:-0}" = 1 ]; then
@@ -37,13 +38,13 @@ if [ "${EIG_COMPILE:-0}" = 1 ]; then
     | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
 fi
 echo "== training speed"
-timeout ${SPEED_TIMEOUT:-150} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+timeout ${SPEED_TIMEOUT:-110} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
 echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
-timeout ${SPEED_TIMEOUT:-150} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+timeout ${ENSEMBLE_TIMEOUT:-80} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
 echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
-timeout ${SPEED_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
 fi
 if [ "$PART" = table ]; then

@@ -206,8 +206,8 @@ compute_options = compose(
                  help="Loss whose Hessian is analysed: ce = mean cross-entropy; ldam, vs = the training losses (margins / logit scaling from the class counts; class weights cancel within a class)."),
     click.option("--hvp", "hvp_method", type=click.Choice(["auto", "forward-over-reverse", "double-backward"]),
                  default="auto", show_default=True,
-                 help="How Hessian-vector products are formed (all exact): auto = double backward for single "
-                      "vectors on a CPU, forward-over-reverse (vmap over blocks) otherwise."),
+                 help="How Hessian-vector products are formed (all exact): auto = double backward on a CPU, "
+                      "forward-over-reverse (vmap over blocks of vectors) on a GPU."),
     click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
                  help="Replay Hessian-vector products as CUDA graphs (batches padded exactly to power-of-two "
                       "shapes, each captured once and checked against an eager product); CUDA devices only."),

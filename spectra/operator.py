@@ -126,12 +126,13 @@ class HessianOperator:
         device: compute device (default: the model's).
         method: ``"forward-over-reverse"`` (``torch.func`` jvp of grad; several
             vectors per pass through ``vmap``), ``"double-backward"``
-            (autograd; for models ``torch.func`` cannot trace) or ``"auto"``
-            (default): double backward for single vectors on a CPU, where it
-            was measured 20 % faster (ResNet-8, 195 images, one thread: 0.74 s
-            vs 0.93 s per product), forward-over-reverse otherwise (blocks go
-            through ``vmap``; on GPUs the two cost the same per single vector).
-            Both are exact; they differ only in rounding.
+            (autograd, one graph then one backward per vector of a block; also
+            for models ``torch.func`` cannot trace) or ``"auto"`` (default):
+            double backward on a CPU, where it was measured faster (ResNet-8,
+            195 images, one thread, medians: one vector 0.83 s vs 1.00 s, a
+            block of 4 2.56 s vs 5.69 s), forward-over-reverse on GPUs (blocks
+            through ``vmap``: 1.75 gradient passes per vector of a block of 4
+            on an H200). Both are exact; they differ only in rounding.
         eval_mode: evaluate the model in eval mode (default; BatchNorm uses its
             running statistics, dropout is off), which makes H a fixed matrix.
             ``False`` uses train mode (batch statistics, double backward only).
@@ -412,7 +413,7 @@ class HessianOperator:
     def _uses_vmap(self, k: int) -> bool:
         """Whether a block of k vectors goes through forward-over-reverse (else double backward)."""
         if self.method == "auto":
-            return k > 1 or self.device.type != "cpu"
+            return self.device.type != "cpu"
         return self.method == "forward-over-reverse"
 
     def _make_product(self) -> Callable[..., Tensor]:
