@@ -96,8 +96,9 @@ def build(args: argparse.Namespace) -> nn.Module:
 
 
 # eager: method "auto" (double backward on a CPU, vmap'd forward-over-reverse on a GPU);
-# eager-fxr / eager-db: forward-over-reverse / double backward forced.
-VARIANTS = ("eager", "eager-fxr", "eager-db", "graphs", "compile")
+# eager-fxr / eager-db: forward-over-reverse / double backward forced; eager-kept: double backward
+# with every batch's gradient graph kept between products (keep_graph=True).
+VARIANTS = ("eager", "eager-fxr", "eager-db", "eager-kept", "graphs", "compile")
 METHOD_OF = {"eager-fxr": "forward-over-reverse", "eager-db": "double-backward"}
 
 
@@ -106,7 +107,7 @@ def operator(model, data, args, device, dtype=torch.float32, variant="eager") ->
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
                                    batch_size=args.batch_size, compile=variant == "compile",
                                    graphs=variant == "graphs",
-                                   method=METHOD_OF.get(variant, "auto"))
+                                   method=METHOD_OF.get(variant, "auto"), keep_graph=variant == "eager-kept")
 
 
 def bench_products(H: spectra.HessianOperator, device: torch.device, blocks=(4, 8)) -> dict[str, float]:

@@ -151,6 +151,12 @@ class HessianOperator:
             first products pay the compilation). Give ``batch_size`` too: batches
             are then padded to that one static shape (exactly, see
             ``_product_batches``), so a single compilation serves all data.
+        keep_graph: keep the double-backward gradient graph of every batch
+            between products (built by the first product), so each later
+            product is one backward pass: measured 0.55 s instead of 1.05 s per
+            product (ResNet-8, 195 images, CPU). Costs memory: the activations
+            and gradient graph of *all* batches stay alive (about 3× a
+            training step's activations per sample). Double backward only.
         graphs: replay the product as CUDA graphs (:mod:`spectra.graphed_product`):
             batches are padded (exactly) to power-of-two row counts up to
             ``batch_size``, each shape captured once and checked against an
@@ -170,7 +176,7 @@ class HessianOperator:
                  batch_size: Optional[int] = None, cache_data: bool = True,
                  max_block: Optional[int] = None, allow_tf32: bool = False,
                  distributed: Optional[bool] = None, compile: bool = False,
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, keep_graph: bool = False) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         if not eval_mode and method != "double-backward":
@@ -193,6 +199,10 @@ class HessianOperator:
         if graphs and not eval_mode:
             raise ValueError("graphs=True needs eval_mode=True (train-mode BatchNorm updates its statistics)")
         self.compile, self.graphs = compile, graphs
+        if keep_graph and (method == "forward-over-reverse" or graphs or compile or not cache_data):
+            raise ValueError("keep_graph=True needs double-backward products on cached data "
+                             "(method='auto' on a CPU or 'double-backward', cache_data=True, no compile/graphs)")
+        self._kept_graphs: Optional[dict[int, tuple]] = {} if keep_graph else None
         self._row_mean_checked = False
         self.param_names = select_parameters(model, params)  # by identity: before any copy
         self.model = self._converted(model)
@@ -229,6 +239,7 @@ class HessianOperator:
             raise ValueError("the data set is empty: no samples to build a Hessian from")
         other.num_matvecs = other.num_passes = 0
         other._row_mean_checked = False
+        other._kept_graphs = {} if self._kept_graphs is not None else None
         return other
 
     # ----------------------------------------------------------------- setup
@@ -403,8 +414,8 @@ class HessianOperator:
         product = self._hvp_forward_over_reverse if self._uses_vmap(k) else self._hvp_double_backward
         static_shapes = self.compile or self.graphs
         with _backend_flags(self.allow_tf32, True if static_shapes else None), _mode(self.model, not self.eval_mode):
-            for x, y, real in self._product_batches():
-                acc.add_(product(tangents, x, y, real), alpha=float(len(y)))
+            for i, (x, y, real) in enumerate(self._product_batches()):
+                acc.add_(product(tangents, x, y, real, i), alpha=float(len(y)))
         self.num_matvecs += k
         self.num_passes += 1
         acc = self._all_reduce(acc)
@@ -412,6 +423,8 @@ class HessianOperator:
 
     def _uses_vmap(self, k: int) -> bool:
         """Whether a block of k vectors goes through forward-over-reverse (else double backward)."""
+        if self._kept_graphs is not None:
+            return False
         if self.method == "auto":
             return self.device.type != "cpu"
         return self.method == "forward-over-reverse"
@@ -444,20 +457,37 @@ class HessianOperator:
         return GraphedProduct(on_params, capture=capture)
 
     def _hvp_forward_over_reverse(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
-                                  real: Optional[Tensor]) -> Tensor:
+                                  real: Optional[Tensor], index: int = 0) -> Tensor:
         return self._product(tangents, x, y, real).double()
 
-    def _hvp_double_backward(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
-                             real: Optional[Tensor]) -> Tensor:
+    def _gradient_graph(self, x: Tensor, y: Tensor, real: Optional[Tensor],
+                        index: int) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        """The batch gradient with its graph (create_graph) and the leaves it is taken w.r.t.
+
+        With ``keep_graph`` the graph of every batch is built once and kept: it
+        depends on θ and the data only, not on the vectors, so each later product
+        is a single backward pass through it (bit-identical results).
+        """
+        if self._kept_graphs is not None and index in self._kept_graphs:
+            return self._kept_graphs[index]
         params = {n: p.detach().requires_grad_(True) for n, p in self._params.items()}
         leaves = list(params.values())
         with torch.enable_grad():
             g = torch.autograd.grad(self._batch_loss(params, x, y, real), leaves, create_graph=True)
+        if self._kept_graphs is not None:
+            self._kept_graphs[index] = (g, leaves)
+        return g, leaves
+
+    def _hvp_double_backward(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor,
+                             real: Optional[Tensor], index: int = 0) -> Tensor:
+        g, leaves = self._gradient_graph(x, y, real, index)
+        keep = self._kept_graphs is not None
+        with torch.enable_grad():
             k = next(iter(tangents.values())).shape[0]
             rows = []
             for j in range(k):
-                dot = sum((gi * tangents[n][j]).sum() for gi, n in zip(g, params))
-                hv = torch.autograd.grad(dot, leaves, retain_graph=j < k - 1, allow_unused=True)
+                dot = sum((gi * tangents[n][j]).sum() for gi, n in zip(g, self._params))
+                hv = torch.autograd.grad(dot, leaves, retain_graph=keep or j < k - 1, allow_unused=True)
                 rows.append(torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
                                        for h, p in zip(hv, leaves)]))
         return torch.stack(rows).double()

@@ -187,3 +187,20 @@ def test_auto_method_uses_double_backward_on_a_cpu(dense_cache, monkeypatch):
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         assert problem.operator(graphs=True).method == "forward-over-reverse"  # the product that is captured
     assert problem.operator(eval_mode=False).method == "double-backward"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kept_gradient_graphs_give_the_same_products(dense_cache, name):
+    """keep_graph: the first product builds each batch's gradient graph, later ones only backpropagate."""
+    problem, dense = dense_cache(name)
+    H = problem.operator(keep_graph=True)
+    plain = problem.operator(method="double-backward")
+    v = torch.randn(H.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for cols in (v[:, 0], v, v[:, 1]):
+        torch.testing.assert_close(H @ cols, plain @ cols, rtol=0, atol=0)
+    assert len(H._kept_graphs) == len(problem.batches)
+    torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
+    with pytest.raises(ValueError, match="keep_graph=True needs double-backward"):
+        problem.operator(keep_graph=True, method="forward-over-reverse")
+    with pytest.raises(ValueError, match="keep_graph=True needs double-backward"):
+        problem.operator(keep_graph=True, cache_data=False)
