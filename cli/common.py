@@ -208,6 +208,10 @@ compute_options = compose(
                  default="auto", show_default=True,
                  help="How Hessian-vector products are formed (all exact): auto = double backward on a CPU, "
                       "forward-over-reverse (vmap over blocks of vectors) on a GPU."),
+    click.option("--keep-graph/--no-keep-graph", default=False, show_default=True,
+                 help="Keep the double-backward gradient graph of every batch between products: each product "
+                      "is then one backward pass (about 2x faster on CPUs) at the memory cost of all batches' "
+                      "activations and gradient graph."),
     click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
                  help="Replay Hessian-vector products as CUDA graphs (batches padded exactly to power-of-two "
                       "shapes, each captured once and checked against an eager product); CUDA devices only."),
@@ -288,7 +292,7 @@ def settings_from(kind: str, opts: dict[str, Any]) -> AnalysisSettings:
         "top_k": "top_k", "bottom_k": "bottom_k", "tol": "tol", "max_iter": "max_iter",
         "probes": "probes", "steps": "steps", "sigma": "sigma", "trace_probes": "trace_probes",
         "trace_method": "trace_method", "seed": "seed", "dtype": "dtype", "loss": "loss",
-        "hvp_method": "hvp_method", "cuda_graphs": "cuda_graphs",
+        "hvp_method": "hvp_method", "cuda_graphs": "cuda_graphs", "keep_graph": "keep_graph",
     }
     values = {field: opts[opt] for field, opt in names.items() if opt in opts}
     patterns = opts.get("param_patterns")

@@ -90,8 +90,9 @@ class AnalysisSettings:
     ``kind`` selects the analysis; the algorithm parameters of the other kinds
     are ignored (and left out of the settings hash). ``params``: parameter-name
     patterns the Hessian is restricted to (None = all trainable parameters).
-    ``hvp_method`` and ``cuda_graphs`` (replay products as CUDA graphs, see
-    :class:`~spectra.HessianOperator`) change how products are formed, not
+    ``hvp_method``, ``cuda_graphs`` (replay products as CUDA graphs) and
+    ``keep_graph`` (keep the double-backward graph between products), see
+    :class:`~spectra.HessianOperator`, change how products are formed, not
     what they are, and are not hashed.
     """
 
@@ -111,6 +112,7 @@ class AnalysisSettings:
     params: tuple[str, ...] | None = None
     hvp_method: str = "auto"
     cuda_graphs: bool = False
+    keep_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,6 +125,9 @@ class AnalysisSettings:
             raise AnalysisError("ask for at least one eigenvalue (--top-k / --bottom-k)")
         if self.cuda_graphs and self.hvp_method == "double-backward":
             raise AnalysisError("CUDA graphs need --hvp forward-over-reverse (or auto)")
+        if self.keep_graph and (self.cuda_graphs or self.hvp_method == "forward-over-reverse"):
+            raise AnalysisError("--keep-graph keeps double-backward graphs: use it without --cuda-graphs "
+                                "and with --hvp auto or double-backward")
         if self.params is not None:
             object.__setattr__(self, "params", tuple(self.params))
 
@@ -288,7 +293,7 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
         params=list(settings.params) if settings.params else None,
         dtype=torch.float64 if settings.dtype == "float64" else torch.float32, device=device,
         method=settings.hvp_method, eval_mode=True, cache_data=cache_data, distributed=distributed,
-        graphs=graphs,
+        graphs=graphs, keep_graph=settings.keep_graph and cache_data,
     )
     if graphs:
         _GRAPHED.update(operator=H, key=key, model=weakref.ref(checkpoint.model))
