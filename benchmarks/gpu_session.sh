@@ -7,7 +7,11 @@
 #   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds).
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
-# opt_einsum wheels). Results -> $OUT.
+# opt_einsum wheels). Results -> $OUT. To build .gpu/ in a fresh checkout:
+#   mkdir -p .gpu && cp ../shared/data/cifar10/{cifar10-jpeg.tar.gz,train_labels.npy,to_batches.py} .gpu/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .gpu/whl pyhessian==0.1 curvlinops-for-pytorch==3.0.1 \
+#     einconv einops linear_operator opt-einsum
 # Dry run on the CPU: DEVICE=cpu SMALL=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
 set -u
 export PYTHONUNBUFFERED=1
