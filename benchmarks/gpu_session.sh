@@ -32,7 +32,7 @@ fi
 if [ "$PART" = eigs ]; then
 echo "== spectra eigenvalues/density benchmark"
 timeout ${EIG_TIMEOUT:-300} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-  --compare-class 3 --all-classes --variants eager eager-db graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
+  --compare-class 3 --all-classes --variants eager eager-db eager-kept graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
   | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
 if [ "${EIG_COMPILE:-0}" = 1 ]; then
