@@ -189,6 +189,9 @@ class HessianOperator:
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype or first.dtype
         self.method, self.eval_mode = method, eval_mode
+        # Products through vmap'd forward-over-reverse, else double backward ("auto": vmap on GPUs only).
+        self.uses_vmap = method == "forward-over-reverse" or (
+            method == "auto" and not keep_graph and self.device.type != "cpu")
         if isinstance(loss_fn, nn.Module):  # its buffers (class weights, margins) follow the compute dtype/device
             loss_fn = copy.deepcopy(loss_fn).to(device=self.device, dtype=self.dtype)
         self.loss_fn, self.max_block, self.allow_tf32 = loss_fn, max_block, allow_tf32
@@ -411,7 +414,7 @@ class HessianOperator:
         tangents = self._split(cols)
         k = cols.shape[1]
         acc = torch.zeros(k, self.dim, dtype=torch.float64, device=self.device)
-        product = self._hvp_forward_over_reverse if self._uses_vmap(k) else self._hvp_double_backward
+        product = self._hvp_forward_over_reverse if self.uses_vmap else self._hvp_double_backward
         static_shapes = self.compile or self.graphs
         with _backend_flags(self.allow_tf32, True if static_shapes else None), _mode(self.model, not self.eval_mode):
             for i, (x, y, real) in enumerate(self._product_batches()):
@@ -420,14 +423,6 @@ class HessianOperator:
         self.num_passes += 1
         acc = self._all_reduce(acc)
         return acc.T.div_(self.num_samples)
-
-    def _uses_vmap(self, k: int) -> bool:
-        """Whether a block of k vectors goes through forward-over-reverse (else double backward)."""
-        if self._kept_graphs is not None:
-            return False
-        if self.method == "auto":
-            return self.device.type != "cpu"
-        return self.method == "forward-over-reverse"
 
     def _make_product(self) -> Callable[..., Tensor]:
         """vmap over tangents of jvp(grad(batch loss)): k HVPs of one batch in one pass."""
