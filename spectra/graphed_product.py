@@ -21,7 +21,7 @@ use that to check everything except the capture itself.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -43,6 +43,25 @@ def padded_rows(n: int, batch_size: Optional[int], smallest: int = 32) -> int:
     return min(rows, batch_size) if batch_size and n <= batch_size else rows
 
 
+def capture_graph(fn: Callable[[], Any], warmup: int, pool: Any = None) -> tuple[Any, Any, Any]:
+    """``(graph, result of the last warm-up, output of the captured call)`` for ``fn()``.
+
+    The warm-up calls run on a side stream, as CUDA graph capture requires
+    (cuDNN autotuning and the allocator settle there); exceptions propagate.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    expected = None
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            expected = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, expected, out
+
+
 class _Slot:
     """Static buffers (and the graph, when captured) for one input signature."""
 
@@ -54,7 +73,7 @@ class _Slot:
         self.out: Optional[Tensor] = None
         # The tangent dict last copied in, held (not its id(): a freed dict's id is
         # reused by the next one, which would silently skip copying new vectors).
-        self.tangents_of: Optional[dict[str, Tensor]] = None
+        self.tangents_of = tangents
 
     def load(self, tangents: dict[str, Tensor], x: Tensor, y: Tensor, real: Optional[Tensor]) -> None:
         if self.tangents_of is not tangents:  # one block product reuses its tangents for every batch
@@ -100,7 +119,6 @@ class GraphedProduct:
         slot = self._slots.get(key)
         if slot is None:
             slot = self._slots[key] = _Slot(tangents, x, y, real)
-            slot.tangents_of = tangents
             if self.capture:
                 return self._capture(slot, key)
         else:
@@ -114,17 +132,9 @@ class GraphedProduct:
         """Warm up, capture and check one signature; eager result if anything goes wrong."""
         args = (slot.tangents, slot.x, slot.y, slot.real)
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    expected = self.fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # replays are sequential: one pool serves all
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self.fn(*args)
+            graph, expected, out = capture_graph(lambda: self.fn(*args), self.warmup, self._pool)
             graph.replay()
             scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
             error = float((out - expected).abs().max() / scale)

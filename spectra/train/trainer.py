@@ -42,6 +42,7 @@ from torch import nn
 
 from .. import distributed as sd
 from ..datasets import CIFAR_MEAN, CIFAR_STD, DatasetSpec, LoadedDataset, load_dataset
+from ..graphed_product import capture_graph
 from ..models import MODELS, build_model
 from .augment import EpochBatches, epoch_generator
 from .checkpoint import (
@@ -140,15 +141,7 @@ def capture_step_graph(step: Callable[[], None], state: list[torch.Tensor], log:
     saved = [t.detach().clone() for t in state]
     graph: Any = None
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph, _, _ = capture_graph(step, warmup=3)
     except Exception as exc:  # capture is an optimisation: fall back to eager
         graph = None
         log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training eagerly")
