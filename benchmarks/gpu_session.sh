@@ -54,8 +54,10 @@ fi
 if [ "$PART" = table ]; then
 echo "== CIFAR-10-LT table (budget ${BUDGET}s)"
 timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out /tmp/table \
-  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
+  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --eval-every ${EVAL_EVERY:-1} --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
 tail -20 "$OUT/table.log"; cat /tmp/table/results.md 2>/dev/null
 tar czf "$OUT/table.tgz" -C /tmp --exclude='*.pt' table 2>/dev/null
+# final weights for per-class analysis elsewhere, 3 runs per archive (a fetched file must stay under 16 MB)
+(cd /tmp && ls table/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" $f; done)
 fi
 ls -la "$OUT"
