@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +107,41 @@ def run_in_process(methods: list[str], args: argparse.Namespace, mode: str) -> d
     else:
         print(f"training {', '.join(methods)} in one process on {args.device} (one CUDA stream per run)", flush=True)
         fit_many(configs, out_dirs, resume=args.resume, log=log)
+    return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": mode} for m in methods}
+
+
+def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
+    """:func:`run_in_process` in a child process whose output is relayed. A
+    child that prints nothing for ``--stall-s`` seconds is killed: a GPU hang
+    blocks the host in a synchronisation forever (seen once on an H200 before
+    the capture-stream fix), and no exception would ever reach the fallback.
+    Raises RuntimeError on a stall or a failed child; what it wrote stays."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--mode", mode, "--in-process-child"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+
+    def relay() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=relay, daemon=True).start()
+    t0 = last = time.time()
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            if time.time() - last > args.stall_s:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"no progress for {args.stall_s:.0f} s; killed the in-process run")
+            continue
+        if line is None:
+            break
+        last = time.time()
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"the in-process run exited with code {proc.returncode}")
     return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": mode} for m in methods}
 
 
@@ -209,7 +246,13 @@ def main() -> None:
     p.add_argument("--max-test-samples", type=int, default=None, help="dry runs: evaluate on about N images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out")
+    p.add_argument("--stall-s", type=float, default=240.0,
+                   help="in-process modes: kill the run and fall back to processes after this long without output")
+    p.add_argument("--in-process-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.in_process_child:  # started by run_watched: train, and let the parent report
+        run_in_process([m.strip() for m in args.methods.split(",") if m.strip()], args, args.mode)
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     mode = args.mode
     if mode == "auto":
@@ -218,7 +261,7 @@ def main() -> None:
         mode = "streams" if args.device != "cpu" and torch.cuda.is_available() else "processes"
     if mode in ("streams", "ensemble"):
         try:
-            status = run_in_process(methods, args, mode)
+            status = run_watched(methods, args, mode)
         except Exception as exc:  # fall back to one process per run, resuming what exists
             print(f"in-process run failed ({type(exc).__name__}: {exc}); falling back to one process per run", flush=True)
             left = [m for m in methods if not (Path(args.out) / m / "summary.json").exists()]

@@ -21,6 +21,7 @@ use that to check everything except the capture itself.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,22 +44,61 @@ def padded_rows(n: int, batch_size: Optional[int], smallest: int = 32) -> int:
     return min(rows, batch_size) if batch_size and n <= batch_size else rows
 
 
-def capture_graph(fn: Callable[[], Any], warmup: int, pool: Any = None) -> tuple[Any, Any, Any]:
+class CaptureStreams:
+    """Hands out capture streams, each held by one owner at a time.
+
+    PyTorch keys its cuBLAS workspaces by (handle, stream), and a captured
+    graph embeds the workspace of the stream it was captured on. Graphs
+    captured on one stream (``torch.cuda.graph``'s shared default) therefore
+    share one workspace, and replaying them concurrently on different streams
+    races on it: on an H200, eight training runs replaying their step graphs
+    on their own streams hung after two epochs with the SMs spinning
+    (PyTorch issue 193402 describes the same sharing). An owner that may replay
+    concurrently with others captures on a stream no live owner holds.
+    ``new_stream()`` draws from a finite pool (PyTorch recycles 32 streams per
+    priority), so a released stream is handed out again.
+    """
+
+    def __init__(self, new_stream: Callable[[], Any], key: Callable[[Any], Any], tries: int = 64) -> None:
+        self._new_stream, self._key, self._tries = new_stream, key, tries
+        self.held: set[Any] = set()
+
+    def lease(self, owner: object) -> Any:
+        """A stream no other live owner holds; released when ``owner`` is collected."""
+        for _ in range(self._tries):
+            stream = self._new_stream()
+            key = self._key(stream)
+            if key not in self.held:
+                self.held.add(key)
+                weakref.finalize(owner, self.held.discard, key)
+                return stream
+        raise RuntimeError(f"no free CUDA stream to capture on: {len(self.held)} owners hold graphs in this process")
+
+
+#: Capture streams come from PyTorch's high-priority pool: plain ``torch.cuda.Stream()``
+#: (replay streams, eager work) draws from the other one, so eager cuBLAS calls never
+#: share a captured graph's workspace.
+CAPTURE_STREAMS = CaptureStreams(lambda: torch.cuda.Stream(priority=-1), lambda s: (s.device.index, s.cuda_stream))
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int, pool: Any = None, stream: Any = None) -> tuple[Any, Any, Any]:
     """``(graph, result of the last warm-up, output of the captured call)`` for ``fn()``.
 
-    The warm-up calls run on a side stream, as CUDA graph capture requires
-    (cuDNN autotuning and the allocator settle there); exceptions propagate.
+    The warm-up calls and the capture run on ``stream`` (default: a new side
+    stream; pass one from :data:`CAPTURE_STREAMS` when graphs may replay
+    concurrently), as capture requires (cuDNN autotuning, the allocator and
+    the stream's cuBLAS workspace settle there); exceptions propagate.
     """
-    side = torch.cuda.Stream()
+    side = stream if stream is not None else torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     expected = None
     with torch.cuda.stream(side):
         for _ in range(warmup):
             expected = fn()
-    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn()
+    torch.cuda.current_stream().wait_stream(side)
     return graph, expected, out
 
 
@@ -104,6 +144,7 @@ class GraphedProduct:
         self.fn, self.capture, self.warmup = fn, capture, warmup
         self._slots: dict[tuple, _Slot] = {}
         self._pool = None
+        self._stream: Any = None  # one capture stream for all signatures (replays are sequential)
         self.failed: Optional[str] = None  # why graphs were given up, if they were
         self.num_captures = 0
 
@@ -134,7 +175,9 @@ class GraphedProduct:
         try:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()  # replays are sequential: one pool serves all
-            graph, expected, out = capture_graph(lambda: self.fn(*args), self.warmup, self._pool)
+            if self._stream is None:
+                self._stream = CAPTURE_STREAMS.lease(self)
+            graph, expected, out = capture_graph(lambda: self.fn(*args), self.warmup, self._pool, self._stream)
             graph.replay()
             scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
             error = float((out - expected).abs().max() / scale)

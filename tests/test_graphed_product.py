@@ -69,3 +69,43 @@ def test_fresh_tangent_dicts_are_always_copied_in():
     for i in range(20):
         out = product({"w": torch.full((2, 3), float(i))}, x, y, real)
         torch.testing.assert_close(out, torch.full((2, 3), 8.0 * i))
+
+
+class _Owner:
+    pass
+
+
+def _cycling_pool(size):
+    """A stand-in for PyTorch's stream pool: hands out ``size`` streams round-robin."""
+    counter = iter(range(10**6))
+    return lambda: next(counter) % size
+
+
+def test_capture_streams_are_distinct_per_live_owner_and_released_with_it():
+    import gc
+
+    from spectra.graphed_product import CaptureStreams
+
+    streams = CaptureStreams(_cycling_pool(3), key=lambda s: s, tries=6)
+    a, b, c = _Owner(), _Owner(), _Owner()
+    got = [streams.lease(a), streams.lease(b), streams.lease(c)]
+    assert sorted(got) == [0, 1, 2]  # the pool wrapped around, yet no two owners share one
+    with pytest.raises(RuntimeError, match="no free CUDA stream"):
+        streams.lease(_Owner())
+    held_by_b = got[1]
+    del b
+    gc.collect()
+    d = _Owner()
+    assert streams.lease(d) == held_by_b  # a collected owner's stream is handed out again
+    assert streams.held == {0, 1, 2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphs_that_replay_concurrently_are_captured_on_different_streams():
+    from spectra.graphed_product import CAPTURE_STREAMS
+
+    owners = [_Owner() for _ in range(8)]
+    streams = [CAPTURE_STREAMS.lease(o) for o in owners]
+    assert len({s.cuda_stream for s in streams}) == 8
+    plain = torch.cuda.Stream()  # replay streams come from the other pool
+    assert plain.cuda_stream not in {s.cuda_stream for s in streams}

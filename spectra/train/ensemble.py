@@ -292,7 +292,7 @@ class Ensemble:
     def _run_step(self) -> None:
         if self.compile_mode in ("graphs", "max") and not self._graph_failed:
             if self._graph is None:
-                self._graph = capture_step_graph(self._train_step, self._snapshot(), self.log)
+                self._graph = capture_step_graph(self._train_step, self._snapshot(), self.log, owner=self)
                 self._graph_failed = self._graph is None
                 for m in self.members:  # their summaries report the mode actually used
                     m._graph_failed = self._graph_failed

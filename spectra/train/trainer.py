@@ -42,7 +42,7 @@ from torch import nn
 
 from .. import distributed as sd
 from ..datasets import CIFAR_MEAN, CIFAR_STD, DatasetSpec, LoadedDataset, load_dataset
-from ..graphed_product import capture_graph
+from ..graphed_product import CAPTURE_STREAMS, capture_graph
 from ..models import MODELS, build_model
 from .augment import EpochBatches, epoch_generator
 from .checkpoint import (
@@ -134,14 +134,16 @@ class _StepState:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def capture_step_graph(step: Callable[[], None], state: list[torch.Tensor], log: Callable[[str], None]) -> Any:
+def capture_step_graph(step: Callable[[], None], state: list[torch.Tensor], log: Callable[[str], None], owner: object) -> Any:
     """Capture ``step`` in a CUDA graph (``None`` when capture fails: train
     eagerly). The warm-up steps that capture needs are undone (``state``, every
-    tensor the step changes, is restored), so training is unchanged."""
+    tensor the step changes, is restored), so training is unchanged. The
+    capture stream is ``owner``'s alone (:data:`CAPTURE_STREAMS`), since runs
+    on their own streams replay their graphs concurrently (:func:`fit_many`)."""
     saved = [t.detach().clone() for t in state]
     graph: Any = None
     try:
-        graph, _, _ = capture_graph(step, warmup=3)
+        graph, _, _ = capture_graph(step, warmup=3, stream=CAPTURE_STREAMS.lease(owner))
     except Exception as exc:  # capture is an optimisation: fall back to eager
         graph = None
         log(f"CUDA graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); training eagerly")
@@ -350,7 +352,7 @@ class Trainer:
         return tensors
 
     def _capture(self) -> None:
-        self._graph = capture_step_graph(self._train_step, self._snapshot(), self.log)
+        self._graph = capture_step_graph(self._train_step, self._snapshot(), self.log, owner=self)
         self._graph_failed = self._graph is None
 
     # -------------------------------------------------------- an epoch
