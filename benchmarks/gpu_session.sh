@@ -52,12 +52,19 @@ timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE"
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
 fi
 if [ "$PART" = table ]; then
-echo "== CIFAR-10-LT table (budget ${BUDGET}s)"
-timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out /tmp/table \
-  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --eval-every ${EVAL_EVERY:-1} --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
-tail -20 "$OUT/table.log"; cat /tmp/table/results.md 2>/dev/null
-tar czf "$OUT/table.tgz" -C /tmp --exclude='*.pt' table 2>/dev/null
+# The runs live in .table-runs/ (git-ignored, so a warm machine keeps it between calls): a
+# second call on the same machine resumes them. Across sessions, unpack the returned
+# table.tgz and ckpt*.tgz into .gpu/ (giving .gpu/table/<method>/{last.pt,metrics.jsonl,...})
+# and carry .gpu as usual: they are copied in and resumed.
+TABLE=.table-runs
+[ -d "$TABLE" ] || { [ -d .gpu/table ] && cp -r .gpu/table "$TABLE"; }
+RESUME_ARG=""; [ -d "$TABLE" ] && RESUME_ARG="--resume"
+echo "== CIFAR-10-LT table (budget ${BUDGET}s) ${RESUME_ARG}"
+timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$TABLE" $RESUME_ARG \
+  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --eval-every ${EVAL_EVERY:-5} --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
+tail -20 "$OUT/table.log"; cat "$TABLE/results.md" 2>/dev/null
+tar czf "$OUT/table.tgz" --exclude='*.pt' --transform "s|^$TABLE|table|" "$TABLE" 2>/dev/null
 # final weights for per-class analysis elsewhere, 3 runs per archive (a fetched file must stay under 16 MB)
-(cd /tmp && ls table/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" $f; done)
+ls "$TABLE"/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" --transform "s|^$TABLE|table|" $f; done
 fi
 ls -la "$OUT"

@@ -182,6 +182,15 @@ def run_all(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
     return status
 
 
+def finished(run_dir: Path, epochs: int) -> bool:
+    """The run's summary says it trained all ``epochs`` (a run stopped by its time limit has one too)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not summary.get("stopped_early") and (summary.get("epochs_completed") or 0) >= epochs
+
+
 def fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.1f}"
 
@@ -264,7 +273,7 @@ def main() -> None:
             status = run_watched(methods, args, mode)
         except Exception as exc:  # fall back to one process per run, resuming what exists
             print(f"in-process run failed ({type(exc).__name__}: {exc}); falling back to one process per run", flush=True)
-            left = [m for m in methods if not (Path(args.out) / m / "summary.json").exists()]
+            left = [m for m in methods if not finished(Path(args.out) / m, args.epochs)]
             if args.time_budget_s:
                 args.time_budget_s = max(60.0, args.time_budget_s - (time.time() - T0))
             args.resume = True
