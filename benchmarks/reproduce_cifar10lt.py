@@ -110,13 +110,9 @@ def run_in_process(methods: list[str], args: argparse.Namespace, mode: str) -> d
     return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": mode} for m in methods}
 
 
-def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
-    """:func:`run_in_process` in a child process whose output is relayed. A
-    child that prints nothing for ``--stall-s`` seconds is killed: a GPU hang
-    blocks the host in a synchronisation forever (seen once on an H200 before
-    the capture-stream fix), and no exception would ever reach the fallback.
-    Raises RuntimeError on a stall or a failed child; what it wrote stays."""
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--mode", mode, "--in-process-child"]
+def watch(cmd: list[str], stall_s: float) -> None:
+    """Run ``cmd``, relaying its output; kill it when it prints nothing for
+    ``stall_s`` seconds. Raises RuntimeError on a stall or a non-zero exit."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: queue.Queue = queue.Queue()
 
@@ -126,15 +122,15 @@ def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict
         lines.put(None)
 
     threading.Thread(target=relay, daemon=True).start()
-    t0 = last = time.time()
+    last = time.time()
     while True:
         try:
-            line = lines.get(timeout=1.0)
+            line = lines.get(timeout=min(1.0, stall_s))
         except queue.Empty:
-            if time.time() - last > args.stall_s:
+            if time.time() - last > stall_s:
                 proc.kill()
                 proc.wait()
-                raise RuntimeError(f"no progress for {args.stall_s:.0f} s; killed the in-process run")
+                raise RuntimeError(f"no progress for {stall_s:.0f} s; killed the in-process run")
             continue
         if line is None:
             break
@@ -142,6 +138,15 @@ def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict
         print(line, end="", flush=True)
     if proc.wait() != 0:
         raise RuntimeError(f"the in-process run exited with code {proc.returncode}")
+
+
+def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
+    """:func:`run_in_process` in a watched child process (:func:`watch`). A GPU
+    hang blocks the host in a synchronisation forever (seen once on an H200
+    before the capture-stream fix), and no exception would ever reach the
+    fallback; what the child wrote stays for the fallback to resume."""
+    t0 = time.time()
+    watch([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--mode", mode, "--in-process-child"], args.stall_s)
     return {m: {"returncode": 0, "wall_s": time.time() - t0, "mode": mode} for m in methods}
 
 
