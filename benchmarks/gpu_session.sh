@@ -17,7 +17,7 @@ set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; DEVICE=${DEVICE:-cuda}; SMALL=${SMALL:-0}; PART=${PART:-eigs}
 mkdir -p "$OUT" /tmp/shim
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
+[ "$PART" = table ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -2
 ln -sfn "$PWD/cli" /tmp/shim/spectra_cli   # the CLI package without an install
 export PYTHONPATH="$PWD:/tmp/shim:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; python3 -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
@@ -26,7 +26,7 @@ if [ "$SMALL" = 1 ]; then
   EIG_ARGS="--arch resnet8 --max-samples 400 --block-sizes 1 4 --batch-size 32"; EPOCHS=1; BUDGET=120; EXTRA="--max-train-samples 256 --methods ce,ce-drw-sam"
   SPEED_ARGS="--steps 2"
 else
-  EIG_ARGS="--arch resnet32 --batch-size ${EIG_BATCH:-512} --block-sizes 1 4 8"; EPOCHS=200; BUDGET=${BUDGET:-520}
+  EIG_ARGS="--arch resnet32 --batch-size ${EIG_BATCH:-512} --block-sizes 1 4 8"; EPOCHS=200; BUDGET=${BUDGET:-550}
   EXTRA="--methods ${METHODS:-ce,ce-sam,ce-drw,ce-drw-sam,ldam-drw,ldam-drw-sam,vs,vs-sam}"; SPEED_ARGS=""
 fi
 if [ "$PART" = eigs ]; then
@@ -60,7 +60,7 @@ TABLE=.table-runs
 [ -d "$TABLE" ] || { [ -d .gpu/table ] && cp -r .gpu/table "$TABLE"; }
 RESUME_ARG=""; [ -d "$TABLE" ] && RESUME_ARG="--resume"
 echo "== CIFAR-10-LT table (budget ${BUDGET}s) ${RESUME_ARG}"
-timeout $((BUDGET + 40)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$TABLE" $RESUME_ARG \
+timeout $((BUDGET + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$TABLE" $RESUME_ARG \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --eval-every ${EVAL_EVERY:-5} --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
 tail -20 "$OUT/table.log"; cat "$TABLE/results.md" 2>/dev/null
 tar czf "$OUT/table.tgz" --exclude='*.pt' --transform "s|^$TABLE|table|" "$TABLE" 2>/dev/null
