@@ -28,6 +28,7 @@ def test_presets_have_reference_rho_and_losses():
     assert resolve_config("ce-sam").rho == 0.1
     assert resolve_config("ce-sam", "cifar100-lt").rho == 0.2
     assert resolve_config("ce-drw-sam").rho == 0.5
+    assert resolve_config("vs-sam").rho == 0.3  # measured: 0.5 leaves the VS loss at the class prior (docs/training.md)
     assert resolve_config("ce-drw-sam", "cifar100-lt").rho == 0.8
     ldam = resolve_config("ldam-drw-sam")
     assert (ldam.loss, ldam.cosine_head, ldam.drw, ldam.optimizer, ldam.rho) == ("ldam", True, True, "sam", 0.8)
