@@ -3,8 +3,10 @@
 #   PART=eigs  (default; ≈ 9.5 min with its timeouts: run with timeout_s 600, EIG_COMPILE=0)
 #              spectra eigen/density benchmark against PyHessian and curvlinops,
 #              product variants eager / CUDA graphs (/ torch.compile with EIG_COMPILE=1),
-#              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent).
-#   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds).
+#              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent,
+#              3 on streams vs an ensemble of 3, fp32 channels_last, bf16 + channels_last).
+#   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds, default 550; ≈ 700 s of
+#              training in all on an H200, so two calls: the second resumes, see REPRODUCTION.md).
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
 # opt_einsum wheels). Results -> $OUT. To build .gpu/ in a fresh checkout:
@@ -31,7 +33,7 @@ else
 fi
 if [ "$PART" = eigs ]; then
 echo "== spectra eigenvalues/density benchmark"
-timeout ${EIG_TIMEOUT:-300} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+timeout ${EIG_TIMEOUT:-270} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
   --compare-class 3 --all-classes --variants eager eager-db eager-kept graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
   | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
@@ -47,6 +49,9 @@ timeout ${SPEED_TIMEOUT:-110} python3 benchmarks/train_speed.py --device "$DEVIC
 echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
 timeout ${ENSEMBLE_TIMEOUT:-80} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
+echo "== training speed, fp32 (TF32 convolutions) with channels_last, graphs"
+timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --channels-last --modes graphs > "$OUT/train_speed_cl.log" 2>&1; tail -4 "$OUT/train_speed_cl.log"
 echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
 timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
