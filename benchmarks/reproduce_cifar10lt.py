@@ -142,7 +142,7 @@ def watch(cmd: list[str], stall_s: float) -> None:
 
 def run_watched(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
     """:func:`run_in_process` in a watched child process (:func:`watch`). A GPU
-    hang blocks the host in a synchronisation forever (seen once on an H200
+    hang blocks the host in a synchronisation forever (seen on an H200
     before the capture-stream fix), and no exception would ever reach the
     fallback; what the child wrote stays for the fallback to resume."""
     t0 = time.time()
