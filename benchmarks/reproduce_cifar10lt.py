@@ -187,10 +187,16 @@ def run_all(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
     return status
 
 
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's ``summary.json`` (None when it has none yet)."""
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def finished(run_dir: Path, epochs: int) -> bool:
     """The run's summary says it trained all ``epochs`` (a run stopped by its time limit has one too)."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir) or {}
     except (OSError, ValueError):
         return False
     return not summary.get("stopped_early") and (summary.get("epochs_completed") or 0) >= epochs
@@ -204,8 +210,7 @@ def table(methods: list[str], status: dict[str, dict], args: argparse.Namespace)
     paper = {m: (a, t) for m, a, t in PAPER + BASELINES}
     rows = []
     for m in methods:
-        summary_path = Path(args.out) / m / "summary.json"
-        s = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        s = read_summary(Path(args.out) / m)
         final = (s or {}).get("final") or {}
         best = (s or {}).get("best") or {}
         pa, pt = paper.get(m, (None, None))
@@ -264,10 +269,10 @@ def main() -> None:
                    help="in-process modes: kill the run and fall back to processes after this long without output")
     p.add_argument("--in-process-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.in_process_child:  # started by run_watched: train, and let the parent report
-        run_in_process([m.strip() for m in args.methods.split(",") if m.strip()], args, args.mode)
-        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.in_process_child:  # started by run_watched: train, and let the parent report
+        run_in_process(methods, args, args.mode)
+        return
     mode = args.mode
     if mode == "auto":
         import torch

@@ -73,8 +73,8 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     out = Path(out_dir)
-    if not resume and existing_run_files(out):
-        found = existing_run_files(out)
+    found = [] if resume else existing_run_files(out)
+    if found:
         raise click.ClickException(f"{out} already holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
                                    "pass --resume to continue it or choose another --out")
     try:
