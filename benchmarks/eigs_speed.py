@@ -95,11 +95,13 @@ def build(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-# eager: method "auto" (double backward on a CPU, vmap'd forward-over-reverse on a GPU);
-# eager-fxr / eager-db: forward-over-reverse / double backward forced; eager-kept: double backward
-# with every batch's gradient graph kept between products (keep_graph=True).
+# eager: the defaults (method "auto": double backward on a CPU, vmap'd forward-over-reverse on a
+# GPU; keep_graph auto: the gradient graph is kept when the class is one batch);
+# eager-fxr / eager-db: forward-over-reverse / double backward forced, graph never kept;
+# eager-kept: double backward with every batch's gradient graph kept between products.
 VARIANTS = ("eager", "eager-fxr", "eager-db", "eager-kept", "graphs", "compile")
-METHOD_OF = {"eager-fxr": "forward-over-reverse", "eager-db": "double-backward"}
+METHOD_OF = {"eager-fxr": "forward-over-reverse", "eager-db": "double-backward", "eager-kept": "double-backward"}
+KEEP_OF = {"eager-fxr": False, "eager-db": False, "eager-kept": True, "graphs": False, "compile": False}
 
 
 def operator(model, data, args, device, dtype=torch.float32, variant="eager") -> spectra.HessianOperator:
@@ -107,7 +109,7 @@ def operator(model, data, args, device, dtype=torch.float32, variant="eager") ->
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
                                    batch_size=args.batch_size, compile=variant == "compile",
                                    graphs=variant == "graphs",
-                                   method=METHOD_OF.get(variant, "auto"), keep_graph=variant == "eager-kept")
+                                   method=METHOD_OF.get(variant, "auto"), keep_graph=KEEP_OF.get(variant))
 
 
 def bench_products(H: spectra.HessianOperator, device: torch.device, blocks=(4, 8)) -> dict[str, float]:
@@ -211,7 +213,8 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
     for variant in args.variants:
         H = operator(model, batches, args, device, variant=variant)
         result["dim"] = H.dim
-        entry = {"products": bench_products(H, device, tuple(args.product_blocks)), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes)}
+        entry = {"products": bench_products(H, device, tuple(args.product_blocks)), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes),
+                 "method": "forward-over-reverse" if H.uses_vmap else "double-backward", "keeps_graphs": H.keeps_graphs}
         failed = getattr(H._product, "failed", None)
         if failed:
             entry["graphs_failed"] = failed

@@ -91,7 +91,8 @@ class AnalysisSettings:
     are ignored (and left out of the settings hash). ``params``: parameter-name
     patterns the Hessian is restricted to (None = all trainable parameters).
     ``hvp_method``, ``cuda_graphs`` (replay products as CUDA graphs) and
-    ``keep_graph`` (keep the double-backward graph between products), see
+    ``keep_graph`` (keep the double-backward graph between products; ``None``
+    = only for a class held in one batch), see
     :class:`~spectra.HessianOperator`, change how products are formed, not
     what they are, and are not hashed.
     """
@@ -112,7 +113,7 @@ class AnalysisSettings:
     params: tuple[str, ...] | None = None
     hvp_method: str = "auto"
     cuda_graphs: bool = False
-    keep_graph: bool = False
+    keep_graph: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -293,7 +294,7 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
         params=list(settings.params) if settings.params else None,
         dtype=torch.float64 if settings.dtype == "float64" else torch.float32, device=device,
         method=settings.hvp_method, eval_mode=True, cache_data=cache_data, distributed=distributed,
-        graphs=graphs, keep_graph=settings.keep_graph and cache_data,
+        graphs=graphs, keep_graph=settings.keep_graph if cache_data else False,
     )
     if graphs:
         _GRAPHED.update(operator=H, key=key, model=weakref.ref(checkpoint.model))

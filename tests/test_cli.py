@@ -459,9 +459,11 @@ def test_empty_class_is_refused_before_any_class_is_computed(env, tmp_path, no_a
 
 
 def test_keep_graph_gives_the_same_eigenvalues(env):
-    runs = [invoke("eigs", env["ckpt"], "--class", "3", "--json", *flag, *fast(env)) for flag in ([], ["--keep-graph"])]
+    flags = (["--no-keep-graph"], [], ["--keep-graph"], ["--batch-size", "7"])
+    runs = [invoke("eigs", env["ckpt"], "--class", "3", "--json", *flag, *fast(env)) for flag in flags]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
-    plain, kept = (json.loads(r.stdout)[0]["results"] for r in runs)
-    assert kept["top"] == pytest.approx(plain["top"], rel=1e-12) and kept["bottom"] == pytest.approx(plain["bottom"], rel=1e-12)
+    plain, *others = (json.loads(r.stdout)[0]["results"] for r in runs)
+    for kept in others:
+        assert kept["top"] == pytest.approx(plain["top"], rel=1e-10) and kept["bottom"] == pytest.approx(plain["bottom"], rel=1e-10)
     res = invoke("eigs", env["ckpt"], "--class", "3", "--keep-graph", "--hvp", "forward-over-reverse", *fast(env))
     assert res.exit_code != 0 and "--keep-graph keeps double-backward graphs" in res.output and "Traceback" not in res.output

@@ -204,3 +204,24 @@ def test_kept_gradient_graphs_give_the_same_products(dense_cache, name):
         problem.operator(keep_graph=True, method="forward-over-reverse")
     with pytest.raises(ValueError, match="keep_graph=True needs double-backward"):
         problem.operator(keep_graph=True, cache_data=False)
+
+
+def test_graph_is_kept_by_default_only_for_one_batch(dense_cache):
+    """keep_graph=None keeps the gradient graph iff the products are double backward on one cached batch."""
+    problem, dense = dense_cache("cnn")
+    assert len(problem.batches) > 1 and not problem.operator().keeps_graphs
+    x = torch.cat([b[0] for b in problem.batches])
+    y = torch.cat([b[1] for b in problem.batches])
+    one = spectra.HessianOperator(problem.model, problem.loss_fn, (x, y), params=problem.params)
+    assert one.keeps_graphs and len(one._kept_graphs) == 0
+    v = torch.randn(one.dim, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(one @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * one.dim ** 0.5)
+    assert len(one._kept_graphs) == 1
+    rebuilt = spectra.HessianOperator(problem.model, problem.loss_fn, (x, y), params=problem.params, keep_graph=False)
+    torch.testing.assert_close(one @ v[:, 0], rebuilt @ v[:, 0], rtol=0, atol=0)  # bit-identical
+    assert not rebuilt.keeps_graphs
+    assert not one.with_data(problem.batches).keeps_graphs  # re-resolved for the new data
+    assert one.with_data((x[:5], y[:5])).keeps_graphs
+    assert not problem.operator(method="forward-over-reverse").keeps_graphs
+    assert not spectra.HessianOperator(problem.model, problem.loss_fn, (x, y), params=problem.params,
+                                       cache_data=False).keeps_graphs
