@@ -81,11 +81,20 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
             time_limit_s=max(1.0, args.time_budget_s - MARGIN_S) if args.time_budget_s else None,
             **({"compile": args.compile} if args.compile else {}), **({"amp": args.amp} if args.amp else {}), **overrides,
         ))
-    out_root = Path(args.out)
-    for m in methods:
-        if (out_root / m / "last.pt").exists() and not args.resume:
-            raise SystemExit(f"{out_root / m} already holds a run; use another --out or --resume")
     return configs
+
+
+def refuse_existing_runs(methods: list[str], args: argparse.Namespace) -> None:
+    """Never train over a run's files without --resume (the check `spectra train` makes)."""
+    from spectra.train.trainer import existing_run_files
+
+    if args.resume:
+        return
+    for m in methods:
+        found = existing_run_files(Path(args.out) / m)
+        if found:
+            raise SystemExit(f"{Path(args.out) / m} already holds a run ({', '.join(found[:3])}); "
+                             "use another --out or --resume")
 
 
 def run_in_process(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:
@@ -166,10 +175,8 @@ def run_all(methods: list[str], args: argparse.Namespace) -> dict[str, dict]:
         while pending and len(running) < args.parallel:
             m = pending.pop(0)
             run_dir = out_root / m
-            if (run_dir / "last.pt").exists() and not args.resume:
-                raise SystemExit(f"{run_dir} already holds a run; use another --out or --resume")
             log = open(out_root / f"{m}.log", "a")
-            cmd = command(m, args, run_dir) + (["--resume"] if (run_dir / "last.pt").exists() else [])
+            cmd = command(m, args, run_dir) + (["--resume"] if args.resume else [])
             print("$ " + " ".join(cmd), flush=True)
             running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
         time.sleep(1.0)
@@ -273,6 +280,7 @@ def main() -> None:
     if args.in_process_child:  # started by run_watched: train, and let the parent report
         run_in_process(methods, args, args.mode)
         return
+    refuse_existing_runs(methods, args)
     mode = args.mode
     if mode == "auto":
         import torch

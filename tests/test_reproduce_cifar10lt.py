@@ -45,3 +45,15 @@ def test_a_run_stopped_by_its_time_limit_is_not_finished(table, tmp_path):
     assert not table.finished(run("cut", epochs_completed=140, stopped_early=True), 200)
     assert not table.finished(run("short", epochs_completed=100, stopped_early=False), 200)
     assert not table.finished(tmp_path / "missing", 200)
+
+
+def test_existing_run_files_are_refused_without_resume(table, tmp_path):
+    import argparse
+
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "ce" / "metrics.jsonl").write_text("{}\n")  # a run killed before its first checkpoint
+    args = argparse.Namespace(out=str(tmp_path), resume=False)
+    with pytest.raises(SystemExit, match=r"ce already holds a run \(metrics.jsonl\)"):
+        table.refuse_existing_runs(["vs", "ce"], args)
+    table.refuse_existing_runs(["vs"], args)
+    table.refuse_existing_runs(["ce"], argparse.Namespace(out=str(tmp_path), resume=True))

@@ -472,6 +472,7 @@ class Trainer:
         path = self.out_dir / "last.pt"
         if not path.is_file():
             self.log(f"--resume: no {path}; starting from scratch")
+            self._truncate_logs(0)  # lines of an attempt killed before its first checkpoint
             return
         ckpt = load_training_checkpoint(path, map_location="cpu")
         saved = dict(ckpt["config"])

@@ -76,6 +76,20 @@ def test_resume_ends_with_the_same_weights(method, cifar10_root, tmp_path):
     assert load_training_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 3
 
 
+def test_resume_without_a_checkpoint_starts_over_without_stale_lines(cifar10_root, tmp_path):
+    """A run killed before its first checkpoint left log lines: --resume trains from scratch, drops them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "acc": 0.0}) + "\n")
+    (run / "spectra.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    logs = []
+    fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **TINY), run, resume=True, log=logs.append)
+    assert any("starting from scratch" in m for m in logs)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1] and "per_class_acc" in lines[0]  # the new line, not the stale one
+    assert (run / "spectra.jsonl").read_text() == ""
+
+
 def test_resume_refuses_a_changed_recipe(cifar10_root, tmp_path):
     fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **TINY), tmp_path / "run", log=lambda m: None)
     with pytest.raises(ValueError, match="settings differ"):
