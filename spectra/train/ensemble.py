@@ -43,7 +43,7 @@ from torch.func import functional_call, vmap
 from .config import TrainConfig
 from .losses import LDAMLoss, VSLoss, WeightedCrossEntropy
 from .sgd import TensorLRSGD
-from .trainer import FitResult, Trainer, capture_step_graph, run_in_lockstep
+from .trainer import FitResult, Trainer, capture_step_graph, gradients_into, run_in_lockstep
 
 __all__ = ["Ensemble", "fit_ensemble", "fit_ensembles", "group_for_ensembles", "check_ensemble_compatible", "MEMBER_SETTINGS"]
 
@@ -243,7 +243,8 @@ class Ensemble:
         with torch.autocast(self.device.type, dtype=lead.autocast_dtype or torch.bfloat16, enabled=lead.autocast_dtype is not None, cache_enabled=False):
             logits = self._logits(x)
         losses = self.loss(logits.float(), y)
-        losses.sum().backward()  # member k's loss depends on row k only: row k of each .grad is its gradient
+        # member k's loss depends on row k only: row k of each .grad is its gradient
+        gradients_into([p.grad for p in self.params.values()], losses.sum(), list(self.params.values()))
         return losses.detach(), logits.detach()
 
     @torch.no_grad()
@@ -267,15 +268,12 @@ class Ensemble:
         """One update of every member from the batch in the lead's ``state.x/y`` (graph-capturable)."""
         s = self.lead.state
         x, y = s.model_input(), s.y
-        grads = [p.grad for p in self.params.values()]
-        torch._foreach_zero_(grads)
         loss, logits = self._loss_and_backward(x, y)
         if self.config.optimizer == "sam":
             e = [t for rows in self._sam_perturbation() for t in rows]
             rows = [t for r in self._param_rows for t in r]
             with torch.no_grad():
                 torch._foreach_add_(rows, e)
-            torch._foreach_zero_(grads)
             with self.lead._bn_frozen(self.config.sam_bn == "freeze"):  # the template's BatchNorm modules
                 self._loss_and_backward(x, y)
             with torch.no_grad():

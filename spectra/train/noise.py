@@ -43,4 +43,4 @@ def lpf_noise(z: torch.Tensor, params: Sequence[torch.Tensor], sigma: float) -> 
     """Per-tensor noise ``σ · ‖W‖_F · z_W`` from a flat standard-normal ``z``."""
     norms = torch._foreach_norm(list(params))
     parts = split_like(z, params)
-    return torch._foreach_mul(parts, [n * sigma for n in norms])
+    return torch._foreach_mul(parts, torch._foreach_mul(norms, sigma))  # multi-tensor kernels, not one per tensor

@@ -37,8 +37,7 @@ def sam_perturbation(
         scaled = torch._foreach_mul(list(grads), torch._foreach_abs(list(params)))
         norm = global_grad_norm(scaled)
         e = torch._foreach_mul(scaled, torch._foreach_abs(list(params)))
-    else:
-        norm = global_grad_norm(grads)
-        e = [g.clone() for g in grads]
-    torch._foreach_mul_(e, rho / (norm + eps))
-    return e
+        torch._foreach_mul_(e, rho / (norm + eps))
+        return e
+    # one multi-tensor kernel (not a clone per tensor): steps are launch-bound on GPUs
+    return torch._foreach_mul(list(grads), rho / (global_grad_norm(grads) + eps))

@@ -63,7 +63,7 @@ from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
 __all__ = ["Trainer", "FitResult", "TrainingDiverged", "fit", "fit_many", "run_in_lockstep", "capture_step_graph",
-           "resolve_device", "existing_run_files"]
+           "resolve_device", "existing_run_files", "gradients_into"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -132,6 +132,19 @@ class _StepState:
         """``(x/255 − mean)/std`` in float32 NCHW."""
         x = (self.x.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def gradients_into(grads: list[torch.Tensor], loss: torch.Tensor, params: list[torch.Tensor], accumulate: bool = False) -> None:
+    """Write (or add) ``∂loss/∂params`` into the persistent ``grads``.
+
+    ``loss.backward()`` would add into each ``.grad`` with one kernel per
+    tensor (and need them zeroed first); one multi-tensor copy instead cuts a
+    step's kernel count by a quarter (ResNet-32: 95 tensors per backward), which
+    is what a launch-bound GPU step pays for. Bit-identical to zero + backward.
+    """
+    new = torch.autograd.grad(loss, params, materialize_grads=True)
+    with torch.no_grad():
+        (torch._foreach_add_ if accumulate else torch._foreach_copy_)(grads, new)
 
 
 def capture_step_graph(step: Callable[[], None], state: list[torch.Tensor], log: Callable[[str], None], owner: object) -> Any:
@@ -251,13 +264,15 @@ class Trainer:
         return mode
 
     # --------------------------------------------------------- the step
-    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0,
+                           accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of the batch; its gradient goes into the ``.grad`` tensors (added with ``accumulate``)."""
         # cache_enabled=False: autocast's weight-cast cache must not live across CUDA-graph replays.
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None, cache_enabled=False):
             logits = self._forward_model(x)
         loss = self.loss_fn(logits.float(), y)
         scaled = isinstance(scale, torch.Tensor) or scale != 1.0
-        (loss * scale if scaled else loss).backward()
+        gradients_into(self._grads, loss * scale if scaled else loss, self.params, accumulate)
         return loss.detach(), logits.detach()
 
     def _rank_loss_scale(self) -> float | torch.Tensor:
@@ -296,7 +311,6 @@ class Trainer:
         params, grads = self.params, self._grads
         x, y = s.model_input(), s.y
         share = self._rank_loss_scale()
-        torch._foreach_zero_(grads)
         if c.optimizer == "lpf":
             # Gradient of the Gaussian-smoothed loss: mean over M noisy copies.
             loss, logits = None, None
@@ -304,7 +318,7 @@ class Trainer:
                 eps = lpf_noise(s.noise[m], params, c.lpf_sigma)
                 with torch.no_grad():
                     torch._foreach_add_(params, eps)
-                loss_m, logits_m = self._loss_and_backward(x, y, scale=share / c.lpf_samples)
+                loss_m, logits_m = self._loss_and_backward(x, y, scale=share / c.lpf_samples, accumulate=m > 0)
                 with torch.no_grad():
                     torch._foreach_sub_(params, eps)
                 if m == 0:
@@ -316,7 +330,6 @@ class Trainer:
             e = sam_perturbation(params, grads, self.rho, c.sam_adaptive)
             with torch.no_grad():
                 torch._foreach_add_(params, e)
-            torch._foreach_zero_(grads)
             with self._bn_frozen(c.sam_bn == "freeze"):
                 self._loss_and_backward(x, y, scale=share)
             sd.average_gradients(params)

@@ -92,3 +92,28 @@ def test_lpf_noise_scales_with_tensor_norm():
     assert torch.allclose(eps[0], torch.full((2, 2), 0.06))
     assert torch.allclose(eps[1], torch.full((5,), 0.01 * 5**0.5))
     assert [p.shape for p in split_like(torch.arange(9.0), params)] == [(2, 2), (5,)]
+
+
+def test_gradients_into_equals_zeroed_backward_bit_for_bit():
+    from spectra.train.trainer import gradients_into
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))
+    params = list(net.parameters())
+    x = torch.randn(11, 5)
+    unused = torch.nn.Parameter(torch.ones(4))  # not in the loss: its gradient is written as zeros
+
+    def loss(scale):
+        return scale * net(x).square().mean()
+
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    loss(1.0).backward()
+    loss(0.5).backward()
+    expected = [p.grad.clone() for p in params]
+    grads = [torch.full_like(p, 9.0) for p in params] + [torch.full_like(unused, 9.0)]
+    before = [g.data_ptr() for g in grads]
+    gradients_into(grads, loss(1.0), params + [unused])
+    gradients_into(grads, loss(0.5), params + [unused], accumulate=True)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))
+    assert torch.equal(grads[-1], torch.zeros(4)) and [g.data_ptr() for g in grads] == before  # in place
