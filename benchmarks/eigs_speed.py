@@ -215,7 +215,7 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
         H = operator(model, batches, args, device, variant=variant)
         result["dim"] = H.dim
         entry = {"products": bench_products(H, device, tuple(args.product_blocks)), "spectra": bench_spectra(H, refd, device, args.tol, args.block_sizes),
-                 "method": "forward-over-reverse" if H.uses_vmap else "double-backward", "keeps_graphs": H.keeps_graphs}
+                 "method": H.product_method, "keeps_graphs": H.keeps_graphs}
         failed = getattr(H._product, "failed", None)
         if failed:
             entry["graphs_failed"] = failed

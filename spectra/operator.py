@@ -257,6 +257,11 @@ class HessianOperator:
         return {} if keep else None
 
     @property
+    def product_method(self) -> str:
+        """How products are formed once ``method="auto"`` is resolved: forward-over-reverse or double-backward."""
+        return "forward-over-reverse" if self.uses_vmap else "double-backward"
+
+    @property
     def keeps_graphs(self) -> bool:
         """Whether gradient graphs are kept between products (``keep_graph`` resolved)."""
         return self._kept_graphs is not None

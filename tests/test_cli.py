@@ -462,7 +462,10 @@ def test_keep_graph_gives_the_same_eigenvalues(env):
     flags = (["--no-keep-graph"], [], ["--keep-graph"], ["--batch-size", "7"])
     runs = [invoke("eigs", env["ckpt"], "--class", "3", "--json", *flag, *fast(env)) for flag in flags]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
-    plain, *others = (json.loads(r.stdout)[0]["results"] for r in runs)
+    records = [json.loads(r.stdout)[0] for r in runs]
+    assert [r["kept_graph"] for r in records] == [False, True, True, False]  # default: kept iff one batch
+    assert {r["hvp_method"] for r in records} == {"double-backward"}  # "auto" resolved on a CPU
+    plain, *others = (r["results"] for r in records)
     for kept in others:
         assert kept["top"] == pytest.approx(plain["top"], rel=1e-10) and kept["bottom"] == pytest.approx(plain["bottom"], rel=1e-10)
     res = invoke("eigs", env["ckpt"], "--class", "3", "--keep-graph", "--hvp", "forward-over-reverse", *fast(env))
