@@ -459,7 +459,7 @@ def test_empty_class_is_refused_before_any_class_is_computed(env, tmp_path, no_a
 
 
 def test_keep_graph_gives_the_same_eigenvalues(env):
-    flags = (["--no-keep-graph"], [], ["--keep-graph"], ["--batch-size", "7"])
+    flags = (["--no-keep-graph"], [], ["--keep-graph"], ["--batch-size", "2"])
     runs = [invoke("eigs", env["ckpt"], "--class", "3", "--json", *flag, *fast(env)) for flag in flags]
     assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
     records = [json.loads(r.stdout)[0] for r in runs]
