@@ -466,7 +466,7 @@ def test_keep_graph_gives_the_same_eigenvalues(env):
     assert [r["kept_graph"] for r in records] == [False, True, True, False]  # default: kept iff one batch
     assert {r["hvp_method"] for r in records} == {"double-backward"}  # "auto" resolved on a CPU
     plain, *others = (r["results"] for r in records)
-    for kept in others:
-        assert kept["top"] == pytest.approx(plain["top"], rel=1e-10) and kept["bottom"] == pytest.approx(plain["bottom"], rel=1e-10)
+    for kept, rel in zip(others, (1e-12, 1e-12, 1e-6)):  # the last: other batches, fp32 sums in another order
+        assert kept["top"] == pytest.approx(plain["top"], rel=rel) and kept["bottom"] == pytest.approx(plain["bottom"], rel=rel)
     res = invoke("eigs", env["ckpt"], "--class", "3", "--keep-graph", "--hvp", "forward-over-reverse", *fast(env))
     assert res.exit_code != 0 and "--keep-graph keeps double-backward graphs" in res.output and "Traceback" not in res.output
