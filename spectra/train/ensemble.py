@@ -259,8 +259,11 @@ class Ensemble:
         factor = self.rho / (torch.linalg.vector_norm(norms, dim=1) + 1e-12)
         out = []
         for k, (g, p) in enumerate(zip(grads, params)):
-            e = torch._foreach_mul(g, torch._foreach_abs(p)) if self.config.sam_adaptive else torch._foreach_mul(g, 1.0)
-            torch._foreach_mul_(e, factor[k])
+            if self.config.sam_adaptive:
+                e = torch._foreach_mul(g, torch._foreach_abs(p))
+                torch._foreach_mul_(e, factor[k])
+            else:  # one multi-tensor op, as sam_perturbation
+                e = torch._foreach_mul(g, factor[k])
             out.append(e)
         return out
 
