@@ -7,6 +7,7 @@
 #              3 on streams vs an ensemble of 3, fp32 channels_last, bf16 + channels_last).
 #   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds, default 550; ≈ 700 s of
 #              training in all on an H200, so two calls: the second resumes, see REPRODUCTION.md).
+#   PART=table,eigs  both, in that order (e.g. to finish resumed table runs first).
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
 # opt_einsum wheels). Results -> $OUT. To build .gpu/ in a fresh checkout:
@@ -31,7 +32,7 @@ else
   EIG_ARGS="--arch resnet32 --batch-size ${EIG_BATCH:-512} --block-sizes 1 4 8"; EPOCHS=200; BUDGET=${BUDGET:-550}
   EXTRA="--methods ${METHODS:-ce,ce-sam,ce-drw,ce-drw-sam,ldam-drw,ldam-drw-sam,vs,vs-sam}"; SPEED_ARGS=""
 fi
-if [ "$PART" = eigs ]; then
+part_eigs() {
 echo "== spectra eigenvalues/density benchmark"
 timeout ${EIG_TIMEOUT:-270} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
   --compare-class 3 --all-classes --variants eager eager-db eager-kept graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
@@ -55,8 +56,8 @@ timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" -
 echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
 timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
-fi
-if [ "$PART" = table ]; then
+}
+part_table() {
 # The runs live in .table-runs/ (git-ignored, so a warm machine keeps it between calls): a
 # second call on the same machine resumes them. Across sessions, unpack the returned
 # table.tgz and ckpt*.tgz into .gpu/ (giving .gpu/table/<method>/{last.pt,metrics.jsonl,...})
@@ -71,5 +72,6 @@ tail -20 "$OUT/table.log"; cat "$TABLE/results.md" 2>/dev/null
 tar czf "$OUT/table.tgz" --exclude='*.pt' --transform "s|^$TABLE|table|" "$TABLE" 2>/dev/null
 # final weights for per-class analysis elsewhere, 3 runs per archive (a fetched file must stay under 16 MB)
 ls "$TABLE"/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" --transform "s|^$TABLE|table|" $f; done
-fi
+}
+for part in ${PART//,/ }; do "part_$part"; done
 ls -la "$OUT"

@@ -1,21 +1,16 @@
 """benchmarks/reproduce_cifar10lt.py: the watchdog of in-process runs and the finished-run test."""
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_cifar10lt.py"
+from benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("reproduce_cifar10lt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_cifar10lt")
 
 
 def test_watch_relays_output_and_returns_when_the_child_ends(table, capsys):
