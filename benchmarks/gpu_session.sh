@@ -7,7 +7,10 @@
 #              3 on streams vs an ensemble of 3, fp32 channels_last, bf16 + channels_last).
 #   PART=table the CIFAR-10-LT table runs (METHODS=..., BUDGET=seconds, default 550; ≈ 700 s of
 #              training in all on an H200, so two calls: the second resumes, see REPRODUCTION.md).
-#   PART=table,eigs  both, in that order (e.g. to finish resumed table runs first).
+#   PART=gpucheck  CE alone for 200 epochs, twice at once in two processes: eager (--compile off)
+#              and CUDA graphs, to compare with the table's CE row (graphs replayed on 8 streams);
+#              ≈ 6 min on an H200 (BUDGET caps each run).
+#   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
 # opt_einsum wheels). Results -> $OUT. To build .gpu/ in a fresh checkout:
@@ -56,6 +59,20 @@ timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" -
 echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
 timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
+}
+part_gpucheck() {
+echo "== CE alone, eager vs CUDA graphs, two processes (budget ${BUDGET}s each)"
+for mode in off graphs; do
+  timeout $((BUDGET + 60)) python3 -m spectra train --method ce --dataset cifar10-lt --data-root /tmp/data --out ".gpucheck/ce-$mode" \
+    --epochs $EPOCHS --compile $mode --eval-every ${EVAL_EVERY:-5} --device "$DEVICE" --no-progress --time-limit-s "$BUDGET" \
+    $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 --max-test-samples 500 ) > "$OUT/gpucheck_$mode.log" 2>&1 &
+done
+wait
+for mode in off graphs; do
+  mkdir -p "$OUT/gpucheck/ce-$mode"; cp .gpucheck/ce-$mode/{summary.json,metrics.jsonl,config.json} "$OUT/gpucheck/ce-$mode/" 2>/dev/null
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
+    ".gpucheck/ce-$mode/summary.json" "$mode" 2>/dev/null || tail -3 "$OUT/gpucheck_$mode.log"
+done
 }
 part_table() {
 # The runs live in .table-runs/ (git-ignored, so a warm machine keeps it between calls): a
