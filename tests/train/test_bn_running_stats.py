@@ -1,0 +1,37 @@
+"""benchmarks/bn_running_stats.py: no batches reproduces the stored accuracy; batches change the statistics."""
+import pytest
+import torch
+
+from benchmark_scripts import load_script
+from cifar_format_fixture import write_cifar10
+from spectra.train import fit, load_training_checkpoint, model_from_checkpoint, resolve_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, train_per_class=12, test_per_class=4)
+    cfg = resolve_config("ce-sam", data_root=str(root), epochs=1, batch_size=32, eval_batch_size=64, progress=False,
+                         imbalance_ratio=10.0, arch="resnet8")
+    out = tmp_path_factory.mktemp("run")
+    fit(cfg, out, log=lambda m: None)
+    return root, out / "last.pt"
+
+
+def test_zero_batches_reproduce_the_stored_accuracy(run):
+    root, ckpt = run
+    stored, accs = load_script("bn_running_stats").restat_accuracies(str(ckpt), str(root), batches=0, draws=2)
+    assert accs == [pytest.approx(stored["acc"], abs=1e-9)] * 2
+
+
+def test_reestimating_changes_only_the_running_statistics(run):
+    root, ckpt = run
+    script = load_script("bn_running_stats")
+    model = model_from_checkpoint(load_training_checkpoint(ckpt))
+    batches = torch.randint(0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8)
+    fresh = script.reestimate_statistics(model, batches)
+    before, after = model.state_dict(), fresh.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(before[k], after[k]) for k in stats)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in stats and not k.endswith("num_batches_tracked"))
+    assert torch.equal(script.reestimate_statistics(model, batches[:0]).state_dict()["bn1.running_mean"], before["bn1.running_mean"])
