@@ -9,7 +9,7 @@
 #              training in all on an H200, so two calls: the second resumes, see REPRODUCTION.md).
 #   PART=gpucheck  CE alone for 200 epochs, twice at once in two processes: eager (--compile off)
 #              and CUDA graphs, to compare with the table's CE row (graphs replayed on 8 streams);
-#              ≈ 6 min on an H200 (BUDGET caps each run).
+#              ≈ 6 min on an H200; CHECK_BUDGET (default 420 s) caps each run, so timeout_s 480 suffices.
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
@@ -61,10 +61,11 @@ timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE"
   --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
 }
 part_gpucheck() {
-echo "== CE alone, eager vs CUDA graphs, two processes (budget ${BUDGET}s each)"
+local budget=${CHECK_BUDGET:-420}
+echo "== CE alone, eager vs CUDA graphs, two processes (budget ${budget}s each)"
 for mode in off graphs; do
-  timeout $((BUDGET + 60)) python3 -m spectra train --method ce --dataset cifar10-lt --data-root /tmp/data --out ".gpucheck/ce-$mode" \
-    --epochs $EPOCHS --compile $mode --eval-every ${EVAL_EVERY:-5} --device "$DEVICE" --no-progress --time-limit-s "$BUDGET" \
+  timeout $((budget + 40)) python3 -m spectra train --method ce --dataset cifar10-lt --data-root /tmp/data --out ".gpucheck/ce-$mode" \
+    --epochs $EPOCHS --compile $mode --eval-every ${EVAL_EVERY:-5} --device "$DEVICE" --no-progress --time-limit-s "$budget" \
     $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 --max-test-samples 500 ) > "$OUT/gpucheck_$mode.log" 2>&1 &
 done
 wait
