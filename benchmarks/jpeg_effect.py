@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import platform
 import subprocess
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spectra from this checkout
 KINDS = ("original", "jpeg")
 
 
@@ -67,7 +69,6 @@ def write_batches(folder: Path, train_x: np.ndarray, train_y: np.ndarray, test_x
 
 def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Both data folders; returns facts about the pixels (mean abs errors)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from spectra.datasets import read_cifar
 
     z = np.load(args.lossless)
@@ -92,7 +93,6 @@ def train_kind(args: argparse.Namespace, work: Path, kind: str) -> list[dict]:
     """Child process: train ``kind`` for every seed, evaluate on both test sets."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from spectra.datasets import DatasetSpec, load_dataset
     from spectra.train import fit, resolve_config
     from spectra.train.evaluation import evaluate
@@ -155,7 +155,7 @@ def main() -> None:
         "what": "ResNet trained on CIFAR-10 training images 0-3999, original pixels vs the project's JPEG copy; "
                 "evaluated on test images 0-999, original and Pillow-JPEG q75 4:2:0",
         "settings": {k: getattr(args, k) for k in ("method", "arch", "epochs", "seeds", "imbalance_ratio")},
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, CPU, one thread per run",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU, one thread per run",
         "pixels": facts, "runs": rows, "summary": summary, "wall_s": time.time() - t0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,15 +18,19 @@ def run(tmp_path_factory):
     return root, out / "last.pt"
 
 
-def test_zero_batches_reproduce_the_stored_accuracy(run):
+@pytest.fixture(scope="module")
+def script():
+    return load_script("bn_running_stats")
+
+
+def test_zero_batches_reproduce_the_stored_accuracy(run, script):
     root, ckpt = run
-    stored, accs = load_script("bn_running_stats").restat_accuracies(str(ckpt), str(root), batches=0, draws=2)
+    stored, accs = script.restat_accuracies(str(ckpt), str(root), batches=0, draws=2)
     assert accs == [pytest.approx(stored["acc"], abs=1e-9)] * 2
 
 
-def test_reestimating_changes_only_the_running_statistics(run):
+def test_reestimating_changes_only_the_running_statistics(run, script):
     root, ckpt = run
-    script = load_script("bn_running_stats")
     model = model_from_checkpoint(load_training_checkpoint(ckpt))
     batches = torch.randint(0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8)
     fresh = script.reestimate_statistics(model, batches)
