@@ -1,12 +1,8 @@
 """Vectorised ensembles (spectra.train.ensemble): each member ends where a
 separate ``fit`` ends, writes the same files, and incompatible runs are refused.
 
-Equality is tested on :class:`SmoothNet` (tanh instead of ReLU): with ReLU
-networks a float rounding difference of 1e-7 can move an activation across the
-kink at 0, after which two correct computations follow different paths (seen
-on resnet8 with SAM + DRW: 0.3 % gradient difference in one step, where a
-float64 reference sided with the ensemble). A smooth network has no such
-flips, so the comparison isolates the ensemble's arithmetic. ResNet runs are
+Equality is tested on ``smooth_net.SmoothNet`` (tanh instead of ReLU, see
+there why), so the comparison isolates the ensemble's arithmetic. ResNet runs are
 checked for files and checkpoints.
 """
 import json
@@ -14,8 +10,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from cifar_format_fixture import write_cifar10
 from spectra.train import METHODS, fit, fit_ensemble, group_for_ensembles, resolve_config
@@ -23,23 +17,8 @@ from spectra.train.ensemble import StackedLoss
 from spectra.train.losses import build_loss
 
 TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0)
-SMOOTH = "test_train_ensemble:SmoothNet"
+SMOOTH = "smooth_net:SmoothNet"
 QUIET = dict(log=lambda m: None)
-
-
-class SmoothNet(nn.Module):
-    """conv-BN-tanh, strided conv-BN-tanh, average pool, linear (BatchNorm included:
-    its running statistics are stacked buffers under ``vmap``)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.tanh(self.b2(self.c2(torch.tanh(self.b1(self.c1(x))))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 @pytest.fixture(scope="module")
