@@ -5,6 +5,9 @@ Long-tailed construction (Cui et al. 2019; Cao et al. 2019, reference code):
 
 * exponential profile: ``n_c = int(n_max · r^(c / (C - 1)))`` with
   ``r = 1 / imbalance_ratio`` (CIFAR-10, ratio 100: 5000, 2997, ..., 50);
+  ``n_max`` is the smallest class's image count (5000 in CIFAR-10 and 500 in
+  CIFAR-100, where all classes are equal: the reference's ``len/C``), so that
+  every class has the images the profile asks for;
 * step profile: the first ``C // 2`` classes keep ``n_max``, the rest
   ``int(n_max · r)``;
 * selection: ``np.random.seed(seed)`` once, then for each class in label order
@@ -290,7 +293,8 @@ def load_dataset(spec: DatasetSpec) -> LoadedDataset:
     images, labels, names = read_cifar(root, spec.base, spec.split)  # type: ignore[arg-type]
     num_classes = len(names)
     if spec.long_tailed:
-        n_max = int(np.bincount(labels, minlength=num_classes).max())
+        # The smallest class bounds n_max (class 0 gets n_max); equal to len/C on the official sets.
+        n_max = int(np.bincount(labels, minlength=num_classes).min())
         counts = lt_class_counts(num_classes, n_max, spec.imbalance_ratio, spec.profile)  # type: ignore[arg-type]
         idx = lt_indices(labels, counts, seed=spec.seed)
     else:

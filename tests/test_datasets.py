@@ -122,6 +122,25 @@ def test_load_dataset_lt_train_and_balanced_test(tmp_path):
     assert all(n >= 1 for n in small.class_counts) and len(small) <= 30
 
 
+def test_lt_from_unequal_classes_uses_the_smallest_class(tmp_path):
+    """n_max is the smallest class's count: class 0 (which gets n_max) may be short."""
+    import pickle
+
+    folder = write_cifar10(tmp_path, train_per_class=20, test_per_class=1)
+    batch = folder / "data_batch_1"
+    with open(batch, "rb") as f:
+        d = pickle.load(f)
+    first_zero = d["labels"].index(0)
+    keep = [i for i in range(len(d["labels"])) if i != first_zero]  # class 0 loses one image
+    with open(batch, "wb") as f:
+        pickle.dump({"data": d["data"][keep], "labels": [d["labels"][i] for i in keep]}, f)
+    _, labels, _ = read_cifar(tmp_path, "cifar10", "train")
+    smallest = int(np.bincount(labels).min())
+    assert np.bincount(labels)[0] == smallest < 20
+    train = load_dataset(DatasetSpec("cifar10-lt", str(tmp_path), imbalance_ratio=5))
+    assert train.class_counts == lt_class_counts(10, smallest, 5)
+
+
 def test_normalize():
     img = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
     img[..., 0] = 255
