@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spectra.datasets import CIFAR_MEAN, CIFAR_STD, DatasetSpec, load_dataset  # noqa: E402
+from spectra.datasets import DatasetSpec, load_dataset, normalize  # noqa: E402
 from spectra.train.augment import EpochBatches  # noqa: E402
 from spectra.train.checkpoint import load_training_checkpoint, model_from_checkpoint  # noqa: E402
 from spectra.train.evaluation import evaluate  # noqa: E402
@@ -46,12 +46,10 @@ def restat_accuracies(path: str, data_root: str, batches: int, draws: int) -> tu
 def reestimate_statistics(model: torch.nn.Module, batches: torch.Tensor) -> torch.nn.Module:
     """A copy of ``model`` after train-mode forward passes (no gradients) over
     ``batches`` (uint8 (S, B, C, 32, 32)): only BatchNorm's running statistics change."""
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255
     model = copy.deepcopy(model).train()
     with torch.no_grad():
         for batch in batches:
-            model((batch.float() - mean) / std)
+            model(normalize(batch.permute(0, 2, 3, 1)))  # NCHW batches → the NHWC normaliser
     return model
 
 
