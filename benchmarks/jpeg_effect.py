@@ -16,7 +16,14 @@ order is lost).
         --out benchmarks/results/jpeg_effect.json --epochs 30 --seeds 0 1
 
 ``DIR`` holds ``cifar-10-batches-py`` made by ``to_batches.py`` (official
-training order). The two kinds of training data train in parallel processes
+training order).
+
+With ``--checkpoints`` it trains nothing: it evaluates those ``spectra train``
+checkpoints (e.g. the table's, trained on the JPEG copy) on the 1,000 original
+test images and on their re-encoded versions — the test-time part of the cost:
+
+    python benchmarks/jpeg_effect.py --lossless ../shared/data/cifar10/lossless_subset.npz \
+        --out jpeg_test_time.json --checkpoints runs/table/*/last.pt The two kinds of training data train in parallel processes
 (one thread each). Any ``spectra train`` method preset (``--method``) and
 balanced or long-tailed selection (``--imbalance-ratio``) of the 4,000.
 """
@@ -120,9 +127,36 @@ def train_kind(args: argparse.Namespace, work: Path, kind: str) -> list[dict]:
     return rows
 
 
+def evaluate_checkpoints(args: argparse.Namespace) -> dict:
+    """Accuracy of each checkpoint on test images 0–999, original vs JPEG (Pillow q75 4:2:0)."""
+    import torch
+
+    from spectra.train.checkpoint import load_training_checkpoint, model_from_checkpoint
+    from spectra.train.evaluation import evaluate
+
+    z = np.load(args.lossless)
+    original, labels = z["x_test_0_999"], torch.from_numpy(z["y_test_0_999"].astype(np.int64))
+    tests = {"original": torch.from_numpy(original), "jpeg": torch.from_numpy(jpeg_roundtrip(original))}
+    rows = []
+    for path in args.checkpoints:
+        ck = load_training_checkpoint(path, map_location="cpu")
+        model, counts = model_from_checkpoint(ck), ck["class_counts"]
+        row = {"checkpoint": str(path), "method": ck.get("method"), "epoch": ck.get("epoch")}
+        for kind, images in tests.items():
+            r = evaluate(model, images, labels, counts)
+            row[f"acc_on_{kind}_test"], row[f"tail_acc_on_{kind}_test"] = r["acc"], r["tail_acc"]
+        print(f"{row['method'] or path}: original {row['acc_on_original_test']:.1f} (tail {row['tail_acc_on_original_test']:.1f}), "
+              f"JPEG {row['acc_on_jpeg_test']:.1f} (tail {row['tail_acc_on_jpeg_test']:.1f})", flush=True)
+        rows.append(row)
+    gap = [r["acc_on_original_test"] - r["acc_on_jpeg_test"] for r in rows]
+    return {"what": "checkpoints evaluated on CIFAR-10 test images 0-999, original vs Pillow-JPEG q75 4:2:0",
+            "test_counts": np.bincount(labels.numpy(), minlength=10).tolist(), "runs": rows,
+            "mean_original_minus_jpeg": float(np.mean(gap))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", required=True, help="folder with the JPEG copy's cifar-10-batches-py")
+    p.add_argument("--data-root", help="folder with the JPEG copy's cifar-10-batches-py (for training)")
     p.add_argument("--lossless", required=True, help="lossless_subset.npz")
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--work", default="/tmp/jpeg_effect", help="data folders and runs")
@@ -131,8 +165,17 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--imbalance-ratio", type=float, default=1.0, help="> 1: long-tailed selection of the 4,000")
+    p.add_argument("--checkpoints", nargs="+", help="evaluate these checkpoints on original vs JPEG test images; train nothing")
     p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.checkpoints:
+        result = evaluate_checkpoints(args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"mean original − JPEG: {result['mean_original_minus_jpeg']:+.2f} points")
+        return
+    if not args.data_root:
+        p.error("--data-root is needed to train (or give --checkpoints)")
     work = Path(args.work)
     if args.child:
         train_kind(args, work, args.child)
