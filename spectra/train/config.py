@@ -78,6 +78,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 1000
     save_every: int = 10
+    snapshot_optimizer: bool = True  # False: ckpt_epochNNNN.pt without optimizer state (half the size); last.pt keeps it
     tail_fraction: float = 0.3  # "tail" = the rarest 30 % of classes (C10-LT: 3 classes, C100-LT: the 30 few-shot ones)
     spectra_every: int = 0  # 0: off; N: per-class lambda_max / lambda_min every N epochs
     spectra_samples_per_class: int = 500

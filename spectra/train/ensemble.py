@@ -51,7 +51,7 @@ __all__ = ["Ensemble", "fit_ensemble", "fit_ensembles", "group_for_ensembles", "
 # (they change numbers in the step, not its graph), and per-run bookkeeping.
 MEMBER_SETTINGS = frozenset({
     "method", "loss", "ldam_max_margin", "ldam_scale", "vs_gamma", "vs_tau", "drw", "drw_epoch", "drw_beta", "rho",
-    "eval_every", "eval_batch_size", "save_every", "tail_fraction", "max_test_samples", "progress",
+    "eval_every", "eval_batch_size", "save_every", "snapshot_optimizer", "tail_fraction", "max_test_samples", "progress",
     "spectra_every", "spectra_samples_per_class", "spectra_batch_size", "spectra_max_iter",
 })
 VECTORISED_OPTIMIZERS = ("sgd", "sam")

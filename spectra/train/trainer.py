@@ -491,7 +491,7 @@ class Trainer:
         saved = dict(ckpt["config"])
         mine = self.config.to_dict()
         # Run-control settings may change on resume; the recipe may not.
-        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "save_every",
+        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "save_every", "snapshot_optimizer",
                 "spectra_every", "spectra_samples_per_class", "spectra_batch_size", "spectra_max_iter"}
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:
@@ -585,7 +585,9 @@ class Trainer:
         if self.dist.is_writer:
             ckpt = self._checkpoint(epoch)
             if keep:
-                atomic_torch_save(self.out_dir / checkpoint_name(epoch), ckpt)
+                # Snapshots serve analysis; only last.pt must resume, so the momentum buffers may stay out.
+                snapshot = ckpt if c.snapshot_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}
+                atomic_torch_save(self.out_dir / checkpoint_name(epoch), snapshot)
             atomic_torch_save(self.out_dir / "last.pt", ckpt)
         if probe:
             records = self._probe(self._saved_checkpoint(epoch), on_class=self._probe_progress(epoch))
