@@ -10,6 +10,10 @@
 #   PART=gpucheck  CE alone for 200 epochs, twice at once in two processes: eager (--compile off)
 #              and CUDA graphs, to compare with the table's CE row (graphs replayed on 8 streams);
 #              ≈ 6 min on an H200; CHECK_BUDGET (default 420 s) caps each run, so timeout_s 480 suffices.
+#   PART=figure  ce-drw and ce-drw-sam (the paper's figure: per-class |λmin/λmax| over the epochs),
+#              weights-only snapshots every 20 epochs (SNAP_EVERY) + epoch 1, back as fig*.tgz (≤ 16 MB each);
+#              FIG_BUDGET seconds (default 480) then a clean stop; a second call resumes (like PART=table).
+#              The spectra are computed afterwards on any machine: spectra sweep .gpu/figure/*/ckpt_epoch*.pt
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
@@ -90,6 +94,22 @@ tail -20 "$OUT/table.log"; cat "$TABLE/results.md" 2>/dev/null
 tar czf "$OUT/table.tgz" --exclude='*.pt' --transform "s|^$TABLE|table|" "$TABLE" 2>/dev/null
 # final weights for per-class analysis elsewhere, 3 runs per archive (a fetched file must stay under 16 MB)
 ls "$TABLE"/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" --transform "s|^$TABLE|table|" $f; done
+}
+part_figure() {
+# Same pattern as part_table: runs in .figure-runs/ (git-ignored), seeded from a carried .gpu/figure/.
+local FIG=.figure-runs budget=${FIG_BUDGET:-480}
+[ -d "$FIG" ] || { [ -d .gpu/figure ] && cp -r .gpu/figure "$FIG"; }
+local resume=""; [ -d "$FIG" ] && resume="--resume"
+echo "== CE+DRW and CE+DRW+SAM with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
+timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$FIG" $resume \
+  --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$budget" --eval-every ${EVAL_EVERY:-5} --save-every ${SNAP_EVERY:-20} \
+  --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods ce-drw,ce-drw-sam \
+  $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$OUT/figure.log" 2>&1
+tail -8 "$OUT/figure.log"
+# logs + last.pt (to resume) in one archive; the snapshots 7 per archive (1.9 MB each: a file must stay under
+# 16 MB, and at most 8 files come back — 22 snapshots make 4 archives)
+tar czf "$OUT/figure.tgz" --exclude='ckpt_epoch*.pt' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
+ls "$FIG"/*/ckpt_epoch*.pt 2>/dev/null | xargs -r -n 7 | nl -nln | while read -r i f; do tar czf "$OUT/fig$i.tgz" --transform "s|^$FIG|figure|" $f; done
 }
 for part in ${PART//,/ }; do "part_$part"; done
 ls -la "$OUT"
