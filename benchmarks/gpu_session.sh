@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool), in one of two parts (one 10-minute command each):
-#   PART=eigs  (default; ≈ 9.5 min with its timeouts: run with timeout_s 600, EIG_COMPILE=0)
+#   PART=eigs  (default; ≈ 9.5 min with its timeouts: run with timeout_s 600, EIG_COMPILE=0;
+#              EIG_ONLY=1 stops after the Hessian benchmark, ≈ 5 min)
 #              spectra eigen/density benchmark against PyHessian and curvlinops,
 #              product variants eager / CUDA graphs (/ torch.compile with EIG_COMPILE=1),
 #              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent,
@@ -51,6 +52,7 @@ if [ "${EIG_COMPILE:-0}" = 1 ]; then
     --compare-class 3 --skip-others --variants compile $EIG_ARGS --block-sizes 4 --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
     | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
 fi
+[ "${EIG_ONLY:-0}" = 1 ] && return  # EIG_ONLY=1: the Hessian benchmark alone (≈ 5 min), no training speed
 echo "== training speed"
 timeout ${SPEED_TIMEOUT:-110} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
