@@ -14,7 +14,10 @@
 #   PART=figure  ce-drw and ce-drw-sam (the paper's figure: per-class |λmin/λmax| over the epochs),
 #              weights-only snapshots every 20 epochs (SNAP_EVERY) + epoch 1, back as fig*.tgz (≤ 16 MB each);
 #              FIG_BUDGET seconds (default 480) then a clean stop; a second call resumes (like PART=table).
-#              The spectra are computed afterwards on any machine: spectra sweep .gpu/figure/*/ckpt_epoch*.pt
+#              Then spectra sweep of the snapshots into figure_spectra.h5 for SWEEP_BUDGET s (default 240);
+#              what is left, on any machine: unpack figure.tgz and fig*.tgz into .gpu/, copy figure_spectra.h5
+#              beside them and run the same sweep on .gpu/figure/ce-drw .gpu/figure/ce-drw-sam (stored entries are
+#              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
@@ -99,19 +102,28 @@ ls "$TABLE"/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f;
 }
 part_figure() {
 # Same pattern as part_table: runs in .figure-runs/ (git-ignored), seeded from a carried .gpu/figure/.
+# At most 8 files come back from $OUT: logs go into figure.tgz, snapshots 8 per archive (3 archives).
 local FIG=.figure-runs budget=${FIG_BUDGET:-480}
 [ -d "$FIG" ] || { [ -d .gpu/figure ] && cp -r .gpu/figure "$FIG"; }
 local resume=""; [ -d "$FIG" ] && resume="--resume"
+mkdir -p "$FIG"
 echo "== CE+DRW and CE+DRW+SAM with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
 timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$FIG" $resume \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$budget" --eval-every ${EVAL_EVERY:-5} --save-every ${SNAP_EVERY:-20} \
   --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods ce-drw,ce-drw-sam \
-  $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$OUT/figure.log" 2>&1
-tail -8 "$OUT/figure.log"
-# logs + last.pt (to resume) in one archive; the snapshots 7 per archive (1.9 MB each: a file must stay under
-# 16 MB, and at most 8 files come back — 22 snapshots make 4 archives)
-tar czf "$OUT/figure.tgz" --exclude='ckpt_epoch*.pt' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
-ls "$FIG"/*/ckpt_epoch*.pt 2>/dev/null | xargs -r -n 7 | nl -nln | while read -r i f; do tar czf "$OUT/fig$i.tgz" --transform "s|^$FIG|figure|" $f; done
+  $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$FIG/figure.log" 2>&1
+tail -8 "$FIG/figure.log"
+# The per-class extremes of the snapshots, for what time is left (SWEEP_BUDGET); the store commits entry by
+# entry, so a sweep cut off here is finished elsewhere with the same command (stored entries are skipped).
+echo "== per-class λmax/λmin of the snapshots (budget ${SWEEP_BUDGET:-240}s)"
+timeout ${SWEEP_BUDGET:-240} python3 -m spectra sweep "$FIG"/ce-drw "$FIG"/ce-drw-sam --classes all --out "$FIG/figure_spectra.h5" \
+  --data-root /tmp/data --max-samples ${SWEEP_SAMPLES:-100} --tol 1e-3 --max-iter 100 --device "$DEVICE" \
+  $( [ "$DEVICE" = cuda ] && echo --cuda-graphs ) > "$FIG/figure_sweep.log" 2>&1
+tail -3 "$FIG/figure_sweep.log"; python3 -m spectra info "$FIG/figure_spectra.h5" 2>/dev/null | tail -3
+cp "$FIG/figure_spectra.h5" "$OUT/" 2>/dev/null  # not its .lock sidecar: at most 8 files come back
+# logs, metrics and last.pt (to resume) in one archive; the weights-only snapshots (1.9 MB each) 8 per archive
+tar czf "$OUT/figure.tgz" --exclude='ckpt_epoch*.pt' --exclude='figure_spectra.h5*' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
+ls "$FIG"/*/ckpt_epoch*.pt 2>/dev/null | xargs -r -n 8 | nl -nln | while read -r i f; do tar czf "$OUT/fig$i.tgz" --transform "s|^$FIG|figure|" $f; done
 }
 for part in ${PART//,/ }; do "part_$part"; done
 ls -la "$OUT"
