@@ -5,6 +5,7 @@ import torch
 
 import spectra
 from problems import PROBLEMS
+from spectra.eigenvalues import MIN_PRODUCTS
 
 
 def _reference(dense):
@@ -36,7 +37,8 @@ def test_top3_and_bottom3(dense_cache, name, block_size):
 
 def test_reported_residuals_are_true_residuals(dense_cache):
     problem, dense = dense_cache("cnn")
-    res = spectra.eigenvalues(problem.operator(), k=2, tol=1e-4, return_vectors=True)
+    # min_products=0: stop at the first passing test, so that residuals stay measurable
+    res = spectra.eigenvalues(problem.operator(), k=2, tol=1e-4, return_vectors=True, min_products=0)
     for values, vectors, residuals in [(res.top, res.top_vectors, res.top_residuals),
                                        (res.bottom, res.bottom_vectors, res.bottom_residuals)]:
         for j in range(2):
@@ -79,6 +81,47 @@ def test_deterministic_for_a_seed_and_counts_products(dense_cache):
     assert np.array_equal(a.top, b.top) and np.array_equal(a.bottom, b.bottom)
     assert a.num_matvecs == b.num_matvecs == H.num_matvecs
     assert a.num_matvecs < H.dim  # converged long before the full space
+
+
+def _bulk_spectrum(dim: int = 100_000) -> torch.Tensor:
+    """A Hessian-like spectrum: 3 outliers, a continuous negative and positive
+    edge (300 eigenvalues each), and a wide near-null bulk."""
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([torch.tensor([112.0, 30.0, 10.0], dtype=torch.float64),
+                      -torch.rand(300, generator=g, dtype=torch.float64) ** 2,
+                      3 * torch.rand(300, generator=g, dtype=torch.float64) ** 2,
+                      1e-3 * torch.randn(dim - 603, generator=g, dtype=torch.float64)])
+
+
+class _Diagonal:
+    """diag(ev) as an operator (a random start makes the basis irrelevant)."""
+
+    def __init__(self, ev: torch.Tensor) -> None:
+        self.ev, self.dim, self.device = ev, len(ev), torch.device("cpu")
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return self.ev[:, None] * v
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bulk_mixture_is_not_reported_as_lambda_min(seed):
+    """A small Krylov space's lowest Ritz pair mixes bulk directions: Rayleigh quotient ≈ 0
+    and residual below tol·λmax (seen on a ResNet-32 class at tol 1e-3: λmin −0.0008
+    "converged" after 3 products, true −1.081). Without the product floor the same
+    happens here; with it λmin is found within the stopping rule's bound."""
+    ev = _bulk_spectrum()
+    true_min, scale = float(ev.min()), float(ev.abs().max())
+    trapped = spectra.eigenvalues(_Diagonal(ev), tol=1e-3, seed=seed, min_products=0)
+    assert trapped.converged and abs(trapped.lambda_min) < 0.01  # the failure the floor prevents
+    res = spectra.eigenvalues(_Diagonal(ev), tol=1e-3, seed=seed)
+    assert res.converged and res.num_matvecs >= MIN_PRODUCTS
+    assert abs(res.lambda_min - true_min) <= 1e-3 * scale and res.lambda_min < 0.95 * true_min
+    assert abs(res.lambda_max - 112.0) <= 1e-3 * scale
+
+
+def test_fewer_products_than_the_floor_are_never_converged():
+    res = spectra.eigenvalues(_Diagonal(_bulk_spectrum(2_000)), tol=0.5, max_iter=6)
+    assert res.num_matvecs <= 8 and not res.converged
 
 
 def test_iteration_budget_reports_non_convergence(dense_cache):
