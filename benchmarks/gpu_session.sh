@@ -117,7 +117,7 @@ tail -8 "$FIG/figure.log"
 # entry, so a sweep cut off here is finished elsewhere with the same command (stored entries are skipped).
 echo "== per-class λmax/λmin of the snapshots (budget ${SWEEP_BUDGET:-240}s)"
 timeout ${SWEEP_BUDGET:-240} python3 -m spectra sweep "$FIG"/ce-drw "$FIG"/ce-drw-sam --classes all --out "$FIG/figure_spectra.h5" \
-  --data-root /tmp/data --max-samples ${SWEEP_SAMPLES:-100} --tol 1e-3 --max-iter 100 --device "$DEVICE" \
+  --data-root /tmp/data --max-samples ${SWEEP_SAMPLES:-100} --tol 1e-4 --max-iter 100 --device "$DEVICE" \
   $( [ "$DEVICE" = cuda ] && echo --cuda-graphs ) > "$FIG/figure_sweep.log" 2>&1
 tail -3 "$FIG/figure_sweep.log"; python3 -m spectra info "$FIG/figure_spectra.h5" 2>/dev/null | tail -3
 cp "$FIG/figure_spectra.h5" "$OUT/" 2>/dev/null  # not its .lock sidecar: at most 8 files come back
