@@ -222,11 +222,13 @@ eigs_options = compose(
     click.option("--top-k", type=click.IntRange(min=0), default=1, show_default=True, help="Largest eigenvalues."),
     click.option("--bottom-k", type=click.IntRange(min=0), default=1, show_default=True, help="Smallest eigenvalues."),
     click.option("--tol", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
-                 show_default=True, help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|."),
+                 show_default=True, help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|, tested from the "
+                                         "20th product on (a smaller Krylov space can pass a near-zero bulk value as λmin)."),
     click.option("--max-iter", type=click.IntRange(min=1), default=200, show_default=True,
                  help="Hessian-vector products allowed for the Lanczos iteration (at least top-k + bottom-k); "
                       "measuring the final residuals adds max(top-k, bottom-k) more per end asked for "
-                      "(so --max-iter 2 spends at most 4 with the defaults)."),
+                      "(so --max-iter 2 spends at most 4 with the defaults); below 20 a result is never "
+                      "marked converged."),
 )
 
 density_options = compose(

@@ -13,9 +13,10 @@ residual below ``tol * λmax`` for a loose ``tol`` — long before the negative
 edge appears. The residual test then certifies an eigenvalue near 0, not the
 smallest one (measured: CIFAR-10-LT ResNet-32, class "truck", tol 1e-3: λmin
 −0.0008 "converged" after 3 products; the true λmin is −1.081, reached from 5
-products on). ARPACK guards the same way (``ncv`` ≥ 20 by default). When the basis reaches ``max_basis``
-columns it is thick-restarted on the wanted Ritz vectors, which keeps the
-relation above exact. The residuals reported at the end are *recomputed* from
+products on). ARPACK guards the same way (``ncv`` ≥ 20 by default).
+
+When the basis reaches ``max_basis`` columns it is thick-restarted on the
+wanted Ritz vectors, which keeps the relation above exact. The residuals reported at the end are *recomputed* from
 explicit products ``H y``, not taken from the recurrence.
 """
 from __future__ import annotations
