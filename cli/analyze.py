@@ -168,6 +168,9 @@ def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
 
     _report(records, ["class", "n", "loss", "λmax", "λmin", "|λmin/λmax|", "max residual", "converged",
                       "HVPs", "time"], row, opts)
+    if not opts["as_json"] and any(not r.provenance.get("converged") for r in records):
+        click.echo("converged NO: a measured residual is above tol·max|λ|, or fewer than 20 products went into the "
+                   "recurrence (too few to trust λmin); raise --max-iter (or loosen --tol)", err=True)
     extra = [r for r in records if len(r.arrays["top"]) > 1 or len(r.arrays["bottom"]) > 1]
     if extra and not opts["as_json"]:
         for r in extra:

@@ -360,6 +360,15 @@ def test_max_iter_is_the_lanczos_budget_plus_the_final_check(env):
     assert entry["results"]["top"][0] > entry["results"]["bottom"][0]  # two Ritz values, not one shared
 
 
+def test_too_few_products_are_flagged_with_a_hint(env):
+    """Below the 20-product floor nothing is converged; the table says NO and stderr says what to do."""
+    res = invoke("eigs", env["ckpt"], "--class", "0", "--max-iter", "6", "--tol", "0.5",
+                 "--data-root", env["root"], "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert " NO " in res.stdout
+    assert "fewer than 20 products" in res.stderr and "raise --max-iter" in res.stderr
+
+
 def test_one_end_only(env, tmp_path):
     out = tmp_path / "r.h5"
     for end, other in (("--bottom-k", "top"), ("--top-k", "bottom")):
