@@ -16,16 +16,16 @@ order is lost).
         --out benchmarks/results/jpeg_effect.json --epochs 30 --seeds 0 1
 
 ``DIR`` holds ``cifar-10-batches-py`` made by ``to_batches.py`` (official
-training order).
+training order). The two kinds of training data train in parallel processes
+(one thread each). Any ``spectra train`` method preset (``--method``) and
+balanced or long-tailed selection (``--imbalance-ratio``) of the 4,000.
 
 With ``--checkpoints`` it trains nothing: it evaluates those ``spectra train``
 checkpoints (e.g. the table's, trained on the JPEG copy) on the 1,000 original
 test images and on their re-encoded versions — the test-time part of the cost:
 
     python benchmarks/jpeg_effect.py --lossless ../shared/data/cifar10/lossless_subset.npz \
-        --out jpeg_test_time.json --checkpoints runs/table/*/last.pt The two kinds of training data train in parallel processes
-(one thread each). Any ``spectra train`` method preset (``--method``) and
-balanced or long-tailed selection (``--imbalance-ratio``) of the 4,000.
+        --out jpeg_test_time.json --checkpoints runs/table/*/last.pt
 """
 from __future__ import annotations
 
