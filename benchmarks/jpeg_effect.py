@@ -1,4 +1,4 @@
-"""How much accuracy does the project's JPEG copy of CIFAR-10 cost?
+r"""How much accuracy does the project's JPEG copy of CIFAR-10 cost?
 
 The only full CIFAR-10 here passed through JPEG (quality ≈ 75, 4:2:0), so the
 table of REPRODUCTION.md is trained and tested on degraded images. The shared
