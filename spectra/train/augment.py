@@ -45,7 +45,11 @@ class EpochBatches:
 
     ``last_batch="wrap"`` completes the last batch with the first images of the
     same epoch's permutation (``ceil(N/B)`` steps, as the reference loader but
-    with static shapes); ``"drop"`` drops the remainder (``floor(N/B)`` steps).
+    with static shapes); ``"drop"`` drops the remainder (``floor(N/B)`` steps);
+    ``"short"`` is the reference loader exactly: ``ceil(N/B)`` steps, the last
+    one only ``last_size = N − (steps−1)·B`` images long. The tensors of an epoch
+    are those of ``"wrap"`` (the same draws); a consumer of ``"short"`` uses the
+    first ``last_size`` rows of the last batch.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, device: torch.device, last_batch: str = "wrap", augment: bool = True) -> None:
@@ -57,14 +61,24 @@ class EpochBatches:
         self.seed = seed
         self.device = device
         self.augment = augment
-        if last_batch == "wrap":
+        if last_batch in ("wrap", "short"):
             self.steps = max(1, math.ceil(self.n / batch_size))
         elif last_batch == "drop":
             self.steps = self.n // batch_size
             if self.steps == 0:
                 raise ValueError(f"batch size {batch_size} exceeds the {self.n} training images with last_batch='drop'")
         else:
-            raise ValueError(f"last_batch must be 'wrap' or 'drop', got {last_batch!r}")
+            raise ValueError(f"last_batch must be 'wrap', 'drop' or 'short', got {last_batch!r}")
+        full = last_batch != "short" or self.n % batch_size == 0
+        self.last_size = batch_size if full else self.n - (self.steps - 1) * batch_size
+
+    def batch_size_of(self, step: int) -> int:
+        """Images in (0-indexed) ``step``: ``batch_size``, or ``last_size`` for the last one."""
+        return self.last_size if step == self.steps - 1 else self.batch_size
+
+    @property
+    def images_per_epoch(self) -> int:
+        return (self.steps - 1) * self.batch_size + self.last_size
 
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images uint8 (S, B, C, 32, 32), labels (S, B))`` for 1-indexed ``epoch``."""

@@ -55,7 +55,7 @@ class TrainConfig:
     warmup_epochs: int = 5
     lr_milestones: list[int] | None = None  # 1-indexed: lr × factor[i] once epoch > milestone[i]
     lr_factors: list[float] = field(default_factory=lambda: [0.01, 0.0001])
-    last_batch: str = "wrap"  # wrap: complete the last batch from the epoch's start; drop: skip it
+    last_batch: str = "wrap"  # wrap: complete the last batch from the epoch's start; drop: skip it; short: as the reference
     # SAM (w_adv = w + rho · g/||g||; adaptive: ASAM, T = |w|)
     optimizer: str = "sgd"  # sgd | sam | pgd | lpf
     rho: float = 0.05
@@ -119,7 +119,7 @@ class TrainConfig:
             "sam_bn": ("update", "freeze"),
             "compile": ("off", "graphs", "inductor", "max", "auto"),
             "amp": ("off", "bf16"),
-            "last_batch": ("wrap", "drop"),
+            "last_batch": ("wrap", "drop", "short"),
             "imbalance_profile": ("exp", "step"),
         }
         for name, allowed in choices.items():

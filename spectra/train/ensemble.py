@@ -65,7 +65,7 @@ def _shared_key(config: TrainConfig) -> tuple[tuple[str, str], ...]:
 def check_ensemble_compatible(configs: Sequence[TrainConfig]) -> None:
     """Raise a one-line ``ValueError`` naming the first setting in which a
     member differs from member 0 where it must not, or a member that cannot
-    be vectorised (PGD / LPF-SGD, ``torch.compile`` modes)."""
+    be vectorised (PGD / LPF-SGD, ``torch.compile`` modes, ``last_batch='short'``)."""
     if not configs:
         raise ValueError("an ensemble needs at least one run")
     for i, c in enumerate(configs):
@@ -75,6 +75,9 @@ def check_ensemble_compatible(configs: Sequence[TrainConfig]) -> None:
         if c.compile not in VECTORISED_COMPILE_MODES:
             raise ValueError(f"ensemble member {i} ({c.method}) has compile={c.compile!r}; ensembles support "
                              f"{', '.join(VECTORISED_COMPILE_MODES)}")
+        if c.last_batch == "short":
+            raise ValueError(f"ensemble member {i} ({c.method}) has last_batch='short' (a last batch of another "
+                             "shape); ensembles train with 'wrap' or 'drop'")
     first = configs[0].to_dict()
     for i, c in enumerate(configs[1:], start=1):
         for key, value in c.to_dict().items():
@@ -85,15 +88,17 @@ def check_ensemble_compatible(configs: Sequence[TrainConfig]) -> None:
 
 def group_for_ensembles(configs: Sequence[TrainConfig]) -> list[list[int]]:
     """Partition ``configs`` (by index) into groups that can each train as one
-    ensemble, in order of first appearance. PGD / LPF-SGD runs and
-    ``torch.compile`` modes, which cannot be vectorised, get groups of one.
+    ensemble, in order of first appearance. PGD / LPF-SGD runs,
+    ``torch.compile`` modes and ``last_batch='short'``, which cannot be
+    vectorised, get groups of one.
 
     For the 8 methods of the CIFAR table: {ce, ce-drw, vs}, {ce-sam,
     ce-drw-sam, vs-sam}, {ldam-drw}, {ldam-drw-sam}.
     """
     groups: dict[Any, list[int]] = {}
     for i, c in enumerate(configs):
-        vectorisable = c.optimizer in VECTORISED_OPTIMIZERS and c.compile in VECTORISED_COMPILE_MODES
+        vectorisable = (c.optimizer in VECTORISED_OPTIMIZERS and c.compile in VECTORISED_COMPILE_MODES
+                        and c.last_batch != "short")
         groups.setdefault(_shared_key(c) if vectorisable else ("alone", i), []).append(i)
     return list(groups.values())
 
@@ -167,6 +172,9 @@ class _SharedEpochBatches:
 
     def release(self) -> None:
         self.current = None
+
+    def __getattr__(self, name: str) -> Any:  # batch_size_of, last_size, images_per_epoch, ...
+        return getattr(self.source, name)
 
 
 class Ensemble:

@@ -27,6 +27,7 @@ checkpoint). Rank 0 alone evaluates, logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import sys
@@ -128,6 +129,14 @@ class _StepState:
         self.pgd_count = torch.zeros((), device=device)
         self.channels_last = channels_last
 
+    def narrowed(self, rows: int) -> "_StepState":
+        """The same state for a batch of ``rows`` images: own input buffers, shared
+        accumulators, noise and constants (the short last batch of ``last_batch='short'``)."""
+        other = copy.copy(self)
+        other.x = torch.zeros(rows, *self.x.shape[1:], dtype=self.x.dtype, device=self.x.device)
+        other.y = torch.zeros(rows, dtype=self.y.dtype, device=self.y.device)
+        return other
+
     def model_input(self) -> torch.Tensor:
         """``(x/255 − mean)/std`` in float32 NCHW."""
         x = (self.x.float() - self.mean) * self.inv_std
@@ -193,6 +202,7 @@ class Trainer:
             self._forward_model = torch.compile(self.model)
         self._graph: Any = None
         self._graph_failed = False
+        self._short_state: _StepState | None = None  # last_batch="short": the last batch's input buffers
 
     # ------------------------------------------------------------ setup
     def _join_process_group(self) -> sd.DistContext:
@@ -205,6 +215,9 @@ class Trainer:
         if self.config.batch_size % ctx.world_size:
             raise ValueError(f"the batch size {self.config.batch_size} (global) does not split evenly over "
                              f"{ctx.world_size} ranks")
+        if self.config.last_batch == "short":
+            raise ValueError("last_batch='short' is for one process (its last batch does not split over ranks); "
+                             "use 'wrap' or 'drop' under torchrun")
         if self.config.sync_bn and ctx.device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm); train without it on CPUs")
         return ctx
@@ -305,9 +318,9 @@ class Trainer:
             for m, mom in zip(self.bn_modules, saved):
                 m.momentum = mom
 
-    def _train_step(self) -> None:
-        """One update from the batch in ``self.state.x/y`` (graph-capturable)."""
-        c, s = self.config, self.state
+    def _train_step(self, state: _StepState | None = None) -> None:
+        """One update from the batch in ``state.x/y`` (default ``self.state``; graph-capturable)."""
+        c, s = self.config, (state if state is not None else self.state)
         params, grads = self.params, self._grads
         x, y = s.model_input(), s.y
         share = self._rank_loss_scale()
@@ -412,18 +425,26 @@ class Trainer:
         self._xs, self._ys = self._begin_epoch(epoch)
         self._gen = self._noise_for_epoch(epoch)
         self._steps = self.batches.steps if max_steps is None else min(max_steps, self.batches.steps)
+        self._images = sum(self.batches.batch_size_of(i) for i in range(self._steps))
         return self._steps
 
     def train_step(self, i: int) -> None:
         """Step ``i`` of the current epoch (no host synchronisation)."""
-        s = self.state
-        s.x.copy_(self._xs[i][self.rows])
-        s.y.copy_(self._ys[i][self.rows])
+        rows = self.batches.batch_size_of(i)
+        short = rows < self.config.batch_size  # last_batch="short": the reference's last batch
+        if short and self._short_state is None:
+            self._short_state = self.state.narrowed(rows)
+        s = self._short_state if short else self.state
+        s.x.copy_(self._xs[i][:rows] if short else self._xs[i][self.rows])
+        s.y.copy_(self._ys[i][:rows] if short else self._ys[i][self.rows])
         if s.y_global is not None:
             s.y_global.copy_(self._ys[i])
         if self._gen is not None:
             s.noise.normal_(generator=self._gen)
-        self._run_step()
+        if short:
+            self._train_step(s)  # once per epoch, eagerly: the captured graph has the full batch's shape
+        else:
+            self._run_step()
 
     def finish_train_epoch(self) -> dict[str, float]:
         s, steps = self.state, self._steps
@@ -435,7 +456,7 @@ class Trainer:
         loss_sum, correct, weight_norm = totals.tolist()  # synchronises once per epoch
         self._weights_finite = math.isfinite(weight_norm)
         loss = loss_sum / (steps * self.dist.world_size)
-        acc = 100.0 * correct / (steps * self.config.batch_size)
+        acc = 100.0 * correct / self._images
         seconds = time.perf_counter() - self._t_epoch
         self._xs = self._ys = None
         return {
@@ -443,7 +464,7 @@ class Trainer:
             "train_acc": acc,
             "lr": self.current_lr,
             "epoch_time_s": seconds,
-            "images_per_s": steps * self.config.batch_size / seconds,
+            "images_per_s": self._images / seconds,
         }
 
     def evaluate(self) -> dict[str, Any]:
@@ -708,7 +729,7 @@ class Trainer:
             "backend": self.dist.backend,
             "wall_time_s": wall,
             "seconds_per_epoch": per_epoch,
-            "images_per_s": (self.batches.steps * c.batch_size / per_epoch) if per_epoch else None,
+            "images_per_s": (self.batches.images_per_epoch / per_epoch) if per_epoch else None,
             "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
         }
 

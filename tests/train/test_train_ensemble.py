@@ -114,6 +114,7 @@ def test_resume_continues_every_member(root, tmp_path):
     (dict(method="ce", lr=0.2), "in lr: 0.2 vs 0.1"),
     (dict(method="ce", seed=1), "in seed: 1 vs 0"),
     (dict(method="ce-drw-pgd"), "optimizer 'pgd'"),
+    (dict(method="ce-drw", last_batch="short"), "last_batch='short'"),
 ])
 def test_mismatched_members_are_refused_in_one_line(second, message, root, tmp_path):
     first = resolve_config("ce", data_root=root, epochs=1, **TINY)
@@ -132,6 +133,8 @@ def test_the_table_forms_four_groups():
     assert groups == [["ce", "ce-drw", "vs"], ["ce-sam", "ce-drw-sam", "vs-sam"], ["ldam-drw"], ["ldam-drw-sam"]]
     baselines = group_for_ensembles([resolve_config(m) for m in ("ce-drw-pgd", "ce-drw-lpf", "ce-drw")])
     assert baselines == [[0], [1], [2]]  # PGD / LPF are never vectorised
+    short = group_for_ensembles([resolve_config(m, last_batch=lb) for m, lb in (("ce", "short"), ("ce-drw", "wrap"), ("vs", "wrap"))])
+    assert short == [[0], [1, 2]]
     assert set(table) <= set(METHODS)
 
 

@@ -49,5 +49,13 @@ def test_epoch_batches_deterministic_static_and_covering():
     assert not torch.equal(x1, x2)
     assert set(y1.flatten().tolist()) == set(range(50))  # wrap: every image once, 14 repeats
     assert EpochBatches(images, labels, 16, 0, torch.device("cpu"), last_batch="drop").steps == 3
+    # short: the reference loader's 16, 16, 16, 2 — the same tensors as wrap, the last batch's first 2 rows used
+    short = EpochBatches(images, labels, 16, seed=3, device=torch.device("cpu"), last_batch="short")
+    assert (short.steps, short.last_size, short.images_per_epoch) == (4, 2, 50)
+    assert [short.batch_size_of(i) for i in range(4)] == [16, 16, 16, 2]
+    xs, ys = short.epoch(1)
+    assert torch.equal(xs, x1) and sorted(torch.cat([ys[:3].flatten(), ys[3, :2]]).tolist()) == list(range(50))
+    assert EpochBatches(images[:48], labels[:48], 16, 0, torch.device("cpu"), last_batch="short").last_size == 16
+    assert (eb.last_size, eb.images_per_epoch) == (16, 64)
     # padding is black (0) as RandomCrop(padding=4): a corner crop shows zero rows
     assert eb.padded[:, :, :4].max() == 0

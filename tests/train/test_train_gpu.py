@@ -15,9 +15,12 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["ce-drw-sam", "ldam-drw-sam", "ce-drw-pgd", "ce-drw-lpf"])
-def test_cuda_graph_step_matches_eager(method, root, tmp_path):
-    base = dict(data_root=str(root), epochs=2, drw_epoch=1, batch_size=32, imbalance_ratio=10.0, device="cuda", progress=False, lpf_samples=2)
+@pytest.mark.parametrize("method, last_batch", [("ce-drw-sam", "wrap"), ("ldam-drw-sam", "wrap"), ("ce-drw-pgd", "wrap"),
+                                                ("ce-drw-lpf", "wrap"), ("ce-drw-sam", "short")])
+def test_cuda_graph_step_matches_eager(method, last_batch, root, tmp_path):
+    """(short: the last batch runs eagerly between graph replays.)"""
+    base = dict(data_root=str(root), epochs=2, drw_epoch=1, batch_size=32, imbalance_ratio=10.0, device="cuda", progress=False,
+                lpf_samples=2, last_batch=last_batch)
     torch.backends.cudnn.deterministic = True
     eager = fit(resolve_config(method, compile="off", **base), tmp_path / "eager", log=print)
     graph = fit(resolve_config(method, compile="graphs", **base), tmp_path / "graph", log=print)

@@ -96,7 +96,9 @@ def reference_run(trainer: Trainer, initial: dict, method_loss: str, drw: bool, 
             group["lr"] = reference_lr(epoch0)
         w = reference_drw_weights(counts, epoch0) if drw else None
         xs, ys = trainer.batches.epoch(epoch0 + 1)  # the trainer's batches (uint8, augmented)
-        for xb, yb in zip(xs, ys):
+        for i, (xb, yb) in enumerate(zip(xs, ys)):
+            rows = trainer.batches.batch_size_of(i)  # last_batch="short": the DataLoader's short last batch
+            xb, yb = xb[:rows], yb[:rows]
             x = (xb.float() / 255.0 - mean) / std  # ToTensor + Normalize
             loss = criterion(model(x), yb, w)
             opt.zero_grad()
@@ -121,24 +123,27 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method, loss, drw, rho", [
-    ("ce", "ce", False, None),
-    ("ce-drw", "ce", True, None),
-    ("ce-sam", "ce", False, 0.1),
-    ("ce-drw-sam", "ce", True, 0.5),
-    ("ldam-drw", "ldam", True, None),
-    ("ldam-drw-sam", "ldam", True, 0.8),
-    ("vs", "vs", False, None),
+@pytest.mark.parametrize("method, loss, drw, rho, last_batch", [
+    ("ce", "ce", False, None, "wrap"),
+    ("ce-drw", "ce", True, None, "wrap"),
+    ("ce-sam", "ce", False, 0.1, "wrap"),
+    ("ce-drw-sam", "ce", True, 0.5, "wrap"),
+    ("ldam-drw", "ldam", True, None, "wrap"),
+    ("ldam-drw-sam", "ldam", True, 0.8, "wrap"),
+    ("vs", "vs", False, None, "wrap"),
+    ("ce-drw", "ce", True, None, "short"),  # the reference's loader exactly: a short last batch
+    ("ce-drw-sam", "ce", True, 0.5, "short"),
 ])
-def test_trainer_equals_plain_reference_loop(method, loss, drw, rho, data_root, tmp_path):
+def test_trainer_equals_plain_reference_loop(method, loss, drw, rho, last_batch, data_root, tmp_path):
     cfg = resolve_config(method, data_root=str(data_root), epochs=EPOCHS, batch_size=16, progress=False,
                          imbalance_ratio=10.0, arch="smooth_net:SmoothNet", warmup_epochs=WARMUP, lr_milestones=list(MILESTONES),
-                         drw_epoch=DRW_EPOCH, compile="off", device="cpu")
+                         drw_epoch=DRW_EPOCH, compile="off", device="cpu", last_batch=last_batch)
     assert (cfg.rho if cfg.optimizer == "sam" else None) == rho
     trainer = Trainer(cfg, tmp_path / method, log=lambda m: None)
     trainer.prepare()
     initial = copy.deepcopy(trainer.model.state_dict())
-    assert trainer.batches.steps >= 3  # several steps per epoch, incl. a wrapped last batch
+    assert trainer.batches.steps >= 3  # several steps per epoch, incl. a wrapped or short last batch
+    assert (trainer.batches.last_size < 16) == (last_batch == "short")
     for epoch in range(1, EPOCHS + 1):
         trainer.train_epoch(epoch)
     ref = reference_run(trainer, initial, loss, drw, rho)

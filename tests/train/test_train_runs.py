@@ -60,9 +60,9 @@ def test_one_epoch_of_every_preset_writes_a_loadable_checkpoint(method, cifar10_
     assert record["epoch"] == 1 and record["class_index"] == 9 and record["method"] == method
 
 
-@pytest.mark.parametrize("method", ["ce-drw-sam", "ce-drw-pgd"])
-def test_resume_ends_with_the_same_weights(method, cifar10_root, tmp_path):
-    base = dict(data_root=str(cifar10_root), epochs=3, drw_epoch=1, save_every=1, **TINY)
+@pytest.mark.parametrize("method, last_batch", [("ce-drw-sam", "wrap"), ("ce-drw-pgd", "wrap"), ("ce-drw-sam", "short")])
+def test_resume_ends_with_the_same_weights(method, last_batch, cifar10_root, tmp_path):
+    base = dict(data_root=str(cifar10_root), epochs=3, drw_epoch=1, save_every=1, last_batch=last_batch, **TINY)
     full = fit(resolve_config(method, **base), tmp_path / "full", log=lambda m: None)
     # "killed" after epoch 1: a 1 µs time limit stops cleanly after the first epoch
     first = fit(resolve_config(method, time_limit_s=1e-6, **base), tmp_path / "split", log=lambda m: None)
@@ -73,6 +73,7 @@ def test_resume_ends_with_the_same_weights(method, cifar10_root, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert all(0 <= json.loads(line)["train_acc"] <= 100 for line in lines)
     assert load_training_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 3
 
 
