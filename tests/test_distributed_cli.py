@@ -66,7 +66,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def torchrun(env, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(env, *args: str, timeout: float = 180, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m spectra ARGS`` (one thread per rank)."""
     environ = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(env["base"])] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -75,7 +75,7 @@ def torchrun(env, *args: str, timeout: float = 180) -> subprocess.CompletedProce
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "spectra", *map(str, args)]
     proc = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == expect_ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -183,3 +183,14 @@ def test_data_parallel_training_matches_one_process(env, tmp_path):
     for key, record in e2.items():
         assert record.provenance["checkpoint_path"].endswith("ckpt_epoch0001.pt")
         assert_same_arrays(e1[key], record, rtol=1e-3)  # float32 Lanczos to tol 1e-3
+
+
+def test_short_last_batch_is_refused_over_ranks(env, tmp_path):
+    """last_batch='short' does not split over ranks: a one-line error from spectra (torchrun's launcher
+    then reports the failed ranks with its own traceback), nothing trained."""
+    proc = torchrun(env, "train", "--method", "ce", "--dataset", "cifar10-lt", "--out", tmp_path / "run", "--no-progress",
+                    "--data-root", env["root"], "--device", "cpu", "--epochs", "1", "--set", "last_batch=short",
+                    expect_ok=False)
+    assert "Error: last_batch='short' is for one process" in proc.stderr
+    assert "ValueError" not in proc.stderr  # spectra's own error is one line, not a Python traceback
+    assert not (tmp_path / "run" / "last.pt").exists()

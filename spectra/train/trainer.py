@@ -215,7 +215,7 @@ class Trainer:
         if self.config.batch_size % ctx.world_size:
             raise ValueError(f"the batch size {self.config.batch_size} (global) does not split evenly over "
                              f"{ctx.world_size} ranks")
-        if self.config.last_batch == "short":
+        if self.config.last_batch == "short" and ctx.world_size > 1:
             raise ValueError("last_batch='short' is for one process (its last batch does not split over ranks); "
                              "use 'wrap' or 'drop' under torchrun")
         if self.config.sync_bn and ctx.device.type != "cuda":
