@@ -16,8 +16,9 @@ smallest one (measured: CIFAR-10-LT ResNet-32, class "truck", tol 1e-3: λmin
 products on). ARPACK guards the same way (``ncv`` ≥ 20 by default).
 
 When the basis reaches ``max_basis`` columns it is thick-restarted on the
-wanted Ritz vectors, which keeps the relation above exact. The residuals reported at the end are *recomputed* from
-explicit products ``H y``, not taken from the recurrence.
+wanted Ritz vectors, which keeps the relation above exact. The residuals
+reported at the end are *recomputed* from explicit products ``H y``, not taken
+from the recurrence.
 """
 from __future__ import annotations
 

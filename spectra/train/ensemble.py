@@ -62,6 +62,18 @@ def _shared_key(config: TrainConfig) -> tuple[tuple[str, str], ...]:
     return tuple((k, repr(v)) for k, v in config.to_dict().items() if k not in MEMBER_SETTINGS)
 
 
+def _not_vectorisable(config: TrainConfig) -> str | None:
+    """Why ``config`` cannot be an ensemble member (None: it can)."""
+    if config.optimizer not in VECTORISED_OPTIMIZERS:
+        return (f"uses optimizer {config.optimizer!r}; ensembles train {' or '.join(VECTORISED_OPTIMIZERS)} only "
+                "(train it with fit or fit_many)")
+    if config.compile not in VECTORISED_COMPILE_MODES:
+        return f"has compile={config.compile!r}; ensembles support {', '.join(VECTORISED_COMPILE_MODES)}"
+    if config.last_batch == "short":
+        return "has last_batch='short' (a last batch of another shape); ensembles train with 'wrap' or 'drop'"
+    return None
+
+
 def check_ensemble_compatible(configs: Sequence[TrainConfig]) -> None:
     """Raise a one-line ``ValueError`` naming the first setting in which a
     member differs from member 0 where it must not, or a member that cannot
@@ -69,15 +81,9 @@ def check_ensemble_compatible(configs: Sequence[TrainConfig]) -> None:
     if not configs:
         raise ValueError("an ensemble needs at least one run")
     for i, c in enumerate(configs):
-        if c.optimizer not in VECTORISED_OPTIMIZERS:
-            raise ValueError(f"ensemble member {i} ({c.method}) uses optimizer {c.optimizer!r}; ensembles train "
-                             f"{' or '.join(VECTORISED_OPTIMIZERS)} only (train it with fit or fit_many)")
-        if c.compile not in VECTORISED_COMPILE_MODES:
-            raise ValueError(f"ensemble member {i} ({c.method}) has compile={c.compile!r}; ensembles support "
-                             f"{', '.join(VECTORISED_COMPILE_MODES)}")
-        if c.last_batch == "short":
-            raise ValueError(f"ensemble member {i} ({c.method}) has last_batch='short' (a last batch of another "
-                             "shape); ensembles train with 'wrap' or 'drop'")
+        reason = _not_vectorisable(c)
+        if reason is not None:
+            raise ValueError(f"ensemble member {i} ({c.method}) {reason}")
     first = configs[0].to_dict()
     for i, c in enumerate(configs[1:], start=1):
         for key, value in c.to_dict().items():
@@ -97,9 +103,7 @@ def group_for_ensembles(configs: Sequence[TrainConfig]) -> list[list[int]]:
     """
     groups: dict[Any, list[int]] = {}
     for i, c in enumerate(configs):
-        vectorisable = (c.optimizer in VECTORISED_OPTIMIZERS and c.compile in VECTORISED_COMPILE_MODES
-                        and c.last_batch != "short")
-        groups.setdefault(_shared_key(c) if vectorisable else ("alone", i), []).append(i)
+        groups.setdefault(_shared_key(c) if _not_vectorisable(c) is None else ("alone", i), []).append(i)
     return list(groups.values())
 
 
@@ -162,7 +166,7 @@ class _SharedEpochBatches:
     epoch's augmented batches are made once (members have one seed)."""
 
     def __init__(self, batches: Any) -> None:
-        self.source, self.steps = batches, batches.steps
+        self.source = batches
         self.current: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +177,7 @@ class _SharedEpochBatches:
     def release(self) -> None:
         self.current = None
 
-    def __getattr__(self, name: str) -> Any:  # batch_size_of, last_size, images_per_epoch, ...
+    def __getattr__(self, name: str) -> Any:  # steps, batch_size_of, last_size, images_per_epoch, ...
         return getattr(self.source, name)
 
 
