@@ -84,28 +84,35 @@ for mode in off graphs; do
     ".gpucheck/ce-$mode/summary.json" "$mode" 2>/dev/null || tail -3 "$OUT/gpucheck_$mode.log"
 done
 }
+# Shared by part_table and part_figure. runs_dir DIR NAME: the runs live in DIR (git-ignored, so a warm
+# machine keeps them between calls), seeded from a carried .gpu/NAME; prints --resume when there are runs.
+runs_dir() { [ -d "$1" ] || { [ -d ".gpu/$2" ] && cp -r ".gpu/$2" "$1"; }; [ -d "$1" ] && echo --resume; }
+# pack_parts DIR NAME PREFIX N FILES...: FILES into $OUT/PREFIX<i>.tgz, N per archive, DIR shown as NAME
+# (a fetched file must stay under 16 MB, and at most 8 files come back).
+pack_parts() {
+local dir=$1 name=$2 prefix=$3 n=$4; shift 4
+for f in "$@"; do [ -e "$f" ] && echo "$f"; done | xargs -r -n "$n" | nl -nln | while read -r i f; do tar czf "$OUT/$prefix$i.tgz" --transform "s|^$dir|$name|" $f; done
+}
 part_table() {
 # The runs live in .table-runs/ (git-ignored, so a warm machine keeps it between calls): a
 # second call on the same machine resumes them. Across sessions, unpack the returned
 # table.tgz and ckpt*.tgz into .gpu/ (giving .gpu/table/<method>/{last.pt,metrics.jsonl,...})
 # and carry .gpu as usual: they are copied in and resumed.
 TABLE=.table-runs
-[ -d "$TABLE" ] || { [ -d .gpu/table ] && cp -r .gpu/table "$TABLE"; }
-RESUME_ARG=""; [ -d "$TABLE" ] && RESUME_ARG="--resume"
+RESUME_ARG=$(runs_dir "$TABLE" table)
 echo "== CIFAR-10-LT table (budget ${BUDGET}s) ${RESUME_ARG}"
 timeout $((BUDGET + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$TABLE" $RESUME_ARG \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$BUDGET" --eval-every ${EVAL_EVERY:-5} --mode ${TABLE_MODE:-auto} $EXTRA > "$OUT/table.log" 2>&1
 tail -20 "$OUT/table.log"; cat "$TABLE/results.md" 2>/dev/null
 tar czf "$OUT/table.tgz" --exclude='*.pt' --transform "s|^$TABLE|table|" "$TABLE" 2>/dev/null
-# final weights for per-class analysis elsewhere, 3 runs per archive (a fetched file must stay under 16 MB)
-ls "$TABLE"/*/last.pt 2>/dev/null | xargs -r -n 3 | nl -nln | while read -r i f; do tar czf "$OUT/ckpt$i.tgz" --transform "s|^$TABLE|table|" $f; done
+# final weights for per-class analysis elsewhere, 3 runs per archive
+pack_parts "$TABLE" table ckpt 3 "$TABLE"/*/last.pt
 }
 part_figure() {
 # Same pattern as part_table: runs in .figure-runs/ (git-ignored), seeded from a carried .gpu/figure/.
 # At most 8 files come back from $OUT: logs go into figure.tgz, snapshots 8 per archive (3 archives).
 local FIG=.figure-runs budget=${FIG_BUDGET:-480}
-[ -d "$FIG" ] || { [ -d .gpu/figure ] && cp -r .gpu/figure "$FIG"; }
-local resume=""; [ -d "$FIG" ] && resume="--resume"
+local resume; resume=$(runs_dir "$FIG" figure)
 mkdir -p "$FIG"
 echo "== CE+DRW and CE+DRW+SAM with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
 timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$FIG" $resume \
@@ -123,7 +130,7 @@ tail -3 "$FIG/figure_sweep.log"; python3 -m spectra info "$FIG/figure_spectra.h5
 cp "$FIG/figure_spectra.h5" "$OUT/" 2>/dev/null  # not its .lock sidecar: at most 8 files come back
 # logs, metrics and last.pt (to resume) in one archive; the weights-only snapshots (1.9 MB each) 8 per archive
 tar czf "$OUT/figure.tgz" --exclude='ckpt_epoch*.pt' --exclude='figure_spectra.h5*' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
-ls "$FIG"/*/ckpt_epoch*.pt 2>/dev/null | xargs -r -n 8 | nl -nln | while read -r i f; do tar czf "$OUT/fig$i.tgz" --transform "s|^$FIG|figure|" $f; done
+pack_parts "$FIG" figure fig 8 "$FIG"/*/ckpt_epoch*.pt
 }
 for part in ${PART//,/ }; do "part_$part"; done
 ls -la "$OUT"
