@@ -21,6 +21,7 @@ import click
 from spectra.analysis import AnalysisSettings, analyse_class, resolve_device
 from spectra.checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint
 from spectra.class_data import AnalysisError, DataCache, DataOptions, resolve_classes
+from spectra.eigenvalues import MIN_PRODUCTS
 from spectra.progress import progress_bar
 from spectra.store import ResultRecord
 from spectra.sweep import SPREADS, SweepEvent, expand_checkpoints, open_writer_on_rank_zero, run_sweep
@@ -169,8 +170,8 @@ def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
     _report(records, ["class", "n", "loss", "λmax", "λmin", "|λmin/λmax|", "max residual", "converged",
                       "HVPs", "time"], row, opts)
     if not opts["as_json"] and any(not r.provenance.get("converged") for r in records):
-        click.echo("converged NO: a measured residual is above tol·max|λ|, or fewer than 20 products went into the "
-                   "recurrence (too few to trust λmin); raise --max-iter (or loosen --tol)", err=True)
+        click.echo(f"converged NO: a measured residual is above tol·max|λ|, or fewer than {MIN_PRODUCTS} products "
+                   "went into the recurrence (too few to trust λmin); raise --max-iter (or loosen --tol)", err=True)
     extra = [r for r in records if len(r.arrays["top"]) > 1 or len(r.arrays["bottom"]) > 1]
     if extra and not opts["as_json"]:
         for r in extra:

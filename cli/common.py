@@ -22,6 +22,7 @@ import numpy as np
 from spectra import distributed as sd
 from spectra.analysis import KINDS, LOSSES, AnalysisSettings, LoadOptions
 from spectra.class_data import DataOptions
+from spectra.eigenvalues import MIN_PRODUCTS
 from spectra.store import ResultRecord
 from spectra.trace import MIN_PROBES
 
@@ -222,13 +223,14 @@ eigs_options = compose(
     click.option("--top-k", type=click.IntRange(min=0), default=1, show_default=True, help="Largest eigenvalues."),
     click.option("--bottom-k", type=click.IntRange(min=0), default=1, show_default=True, help="Smallest eigenvalues."),
     click.option("--tol", type=FiniteFloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
-                 show_default=True, help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|, tested from the "
-                                         "20th product on (a smaller Krylov space can pass a near-zero bulk value as λmin)."),
+                 show_default=True, help="Relative residual tolerance ||Hv-λv|| <= tol·max|λ|, tested from "
+                                         f"product {MIN_PRODUCTS} on (a smaller Krylov space can pass a near-zero bulk "
+                                         "value as λmin)."),
     click.option("--max-iter", type=click.IntRange(min=1), default=200, show_default=True,
                  help="Hessian-vector products allowed for the Lanczos iteration (at least top-k + bottom-k); "
                       "measuring the final residuals adds max(top-k, bottom-k) more per end asked for "
-                      "(so --max-iter 2 spends at most 4 with the defaults); below 20 a result is never "
-                      "marked converged."),
+                      f"(so --max-iter 2 spends at most 4 with the defaults); below {MIN_PRODUCTS} a result is "
+                      "never marked converged."),
 )
 
 density_options = compose(
