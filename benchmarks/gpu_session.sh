@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (device tool), in one of two parts (one 10-minute command each):
 #   PART=eigs  (default; ≈ 9.5 min with its timeouts: run with timeout_s 600, EIG_COMPILE=0;
-#              EIG_ONLY=1 stops after the Hessian benchmark, ≈ 5 min)
+#              EIG_ONLY=1 stops after the Hessian benchmark, ≈ 5 min; EIG_VARIANTS picks the product
+#              variants, EIG_CKPT=path a trained checkpoint instead of the random init)
 #              spectra eigen/density benchmark against PyHessian and curvlinops,
 #              product variants eager / CUDA graphs (/ torch.compile with EIG_COMPILE=1),
 #              all classes with the fastest one; then training speed (eager, graphs, 8 concurrent,
@@ -18,6 +19,8 @@
 #              what is left, on any machine: unpack figure.tgz and fig*.tgz into .gpu/, copy figure_spectra.h5
 #              beside them and run the same sweep on .gpu/figure/ce-drw .gpu/figure/ce-drw-sam (stored entries are
 #              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
+#   PART=compile  the Hessian benchmark with torch.compile alone (what EIG_COMPILE=1 adds to PART=eigs).
+#   PART=ensemble training speed of 3 runs on CUDA streams vs one vectorised ensemble of 3 (≈ 80 s).
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
 # to_batches.py and whl/ (pyhessian, curvlinops, einconv, einops, linear_operator,
@@ -43,25 +46,30 @@ else
   EIG_ARGS="--arch resnet32 --batch-size ${EIG_BATCH:-512} --block-sizes 1 4 8"; EPOCHS=200; BUDGET=${BUDGET:-550}
   EXTRA="--methods ${METHODS:-ce,ce-sam,ce-drw,ce-drw-sam,ldam-drw,ldam-drw-sam,vs,vs-sam}"; SPEED_ARGS=""
 fi
+part_compile() {
+echo "== spectra with torch.compile (one padded static shape per block size)"
+timeout ${COMPILE_TIMEOUT:-150} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
+  --compare-class 3 --skip-others --no-density --variants compile $EIG_ARGS --block-sizes 4 ${EIG_CKPT:+--checkpoint "$EIG_CKPT"} --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
+  | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
+}
+part_ensemble() {
+echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
+timeout ${ENSEMBLE_TIMEOUT:-80} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
+}
 part_eigs() {
 echo "== spectra eigenvalues/density benchmark"
 timeout ${EIG_TIMEOUT:-270} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-  --compare-class 3 --all-classes --variants eager eager-db eager-kept graphs $EIG_ARGS --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
+  --compare-class 3 --all-classes --variants ${EIG_VARIANTS:-eager eager-db eager-kept graphs} $EIG_ARGS \
+  ${EIG_CKPT:+--checkpoint "$EIG_CKPT"} --out "$OUT/eigs_${DEVICE}.json" 2>&1 \
   | grep -v Warning > "$OUT/eigs_${DEVICE}.log"
 tail -25 "$OUT/eigs_${DEVICE}.log"
-if [ "${EIG_COMPILE:-0}" = 1 ]; then
-  echo "== spectra with torch.compile (one padded static shape per block size)"
-  timeout ${COMPILE_TIMEOUT:-150} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
-    --compare-class 3 --skip-others --variants compile $EIG_ARGS --block-sizes 4 --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
-    | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
-fi
+[ "${EIG_COMPILE:-0}" = 1 ] && part_compile
 [ "${EIG_ONLY:-0}" = 1 ] && return  # EIG_ONLY=1: the Hessian benchmark alone (≈ 5 min), no training speed
 echo "== training speed"
 timeout ${SPEED_TIMEOUT:-110} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
-echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
-timeout ${ENSEMBLE_TIMEOUT:-80} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
-  --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
+part_ensemble
 echo "== training speed, fp32 (TF32 convolutions) with channels_last, graphs"
 timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --channels-last --modes graphs > "$OUT/train_speed_cl.log" 2>&1; tail -4 "$OUT/train_speed_cl.log"
