@@ -9,7 +9,7 @@ Everything is measured in this one run and reported as ratios between the
 tools, with the machine recorded beside the numbers:
 - one gradient pass and one HVP (single vector, and a block of 4) over the class;
 - a float64 reference λmax/λmin (spectra at tol 1e-9, or 1e-8 on a GPU);
-- spectra λmax+λmin to 1e-4 relative residual (fp32, TF32 off), block sizes 1/2/4,
+- spectra λmax+λmin to 1e-4 relative residual (fp32, TF32 off unless ``--tf32``), block sizes 1/2/4,
   for each product variant asked for: ``eager``, ``graphs`` (CUDA-graph replay,
   padded static shapes) and ``compile`` (torch.compile, one padded shape);
 - PyHessian ``eigenvalues()`` (tol 1e-3, one eigenvalue) and which end it found;
@@ -17,7 +17,10 @@ tools, with the machine recorded beside the numbers:
 - spectra SLQ density (4 probes × 80 steps); PyHessian's density (broken: recorded);
 - optionally λmax/λmin and a density for every class (``--all-classes``), with the
   fastest variant and block size of the compared class, one operator's products
-  shared by all classes (``HessianOperator.with_data``).
+  shared by all classes (``HessianOperator.with_data``); ``--sweep-block`` fixes its block size.
+
+``--reference-json`` reuses the float64 reference of an earlier run's JSON (same
+checkpoint, data and class; checked) instead of recomputing it (~90 s on an H200).
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ def operator(model, data, args, device, dtype=torch.float32, variant="eager") ->
     """The operator of one product variant (the float64 reference is always eager)."""
     return spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=dtype, device=device,
                                    batch_size=args.batch_size, compile=variant == "compile",
+                                   allow_tf32=args.tf32 and dtype == torch.float32,
                                    graphs=variant == "graphs",
                                    method=METHOD_OF.get(variant, "auto"), keep_graph=KEEP_OF.get(variant))
 
@@ -205,11 +209,14 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
     x, y = classes[c]
     batches = spectra.as_batches(x.to(device), y.to(device), args.batch_size)
     result: dict[str, Any] = {"class": c, "samples": len(y)}
-    H64 = operator(model, batches, args, device, dtype=torch.float64)
-    ref_tol = 1e-8
-    ref, secs = timed(lambda: spectra.eigenvalues(H64, tol=ref_tol, max_iter=300, progress=True), device)
-    result["reference"] = {"lambda_max": ref.lambda_max, "lambda_min": ref.lambda_min, "tol": ref_tol,
-                           "hvps": ref.num_matvecs, "seconds": secs, "converged": ref.converged}
+    if args.reference_json:
+        result["reference"] = reference_from(args.reference_json, args, len(y))
+    else:
+        H64 = operator(model, batches, args, device, dtype=torch.float64)
+        ref_tol = 1e-8
+        ref, secs = timed(lambda: spectra.eigenvalues(H64, tol=ref_tol, max_iter=300, progress=True), device)
+        result["reference"] = {"lambda_max": ref.lambda_max, "lambda_min": ref.lambda_min, "tol": ref_tol,
+                               "hvps": ref.num_matvecs, "seconds": secs, "converged": ref.converged}
     refd = result["reference"]
     for variant in args.variants:
         H = operator(model, batches, args, device, variant=variant)
@@ -241,6 +248,18 @@ def compare_on_class(model, classes, c, args, device) -> dict[str, Any]:
     return result
 
 
+def reference_from(path: str, args: argparse.Namespace, samples: int) -> dict[str, Any]:
+    """The float64 reference of an earlier run, refused unless model, data and class match."""
+    earlier = json.loads(Path(path).read_text())
+    compare = earlier["compare"]
+    mine = {"checkpoint": args.checkpoint, "arch": args.arch, "class": args.compare_class, "samples": samples}
+    theirs = {"checkpoint": earlier.get("checkpoint"), "arch": earlier.get("arch"),
+              "class": compare["class"], "samples": compare["samples"]}
+    if mine != theirs:
+        sys.exit(f"error: --reference-json {path} is of {theirs}, not {mine}")
+    return {**compare["reference"], "from": path}
+
+
 def best_setting(result: dict[str, Any], variants) -> tuple[str, str]:
     """(variant, 'blockB') of the fastest converged λmax+λmin run."""
     runs = [(r["seconds"], v, b) for v in variants for b, r in result[v]["spectra"].items() if r["converged"]]
@@ -249,7 +268,8 @@ def best_setting(result: dict[str, Any], variants) -> tuple[str, str]:
     return variant, block
 
 
-def all_classes(model, classes, args, device, variant: str, block: int) -> dict[str, Any]:
+def all_classes(model, classes, args, device, variant: str, block: int,
+                save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Every class with one operator's products (captures / compilation shared); totals include them.
 
     λmax/λmin of every class first, then the densities: a run cut short by a time limit still
@@ -271,12 +291,16 @@ def all_classes(model, classes, args, device, variant: str, block: int) -> dict[
               f"{res.num_matvecs} HVPs {secs + build_s:.2f}s", flush=True)
     total_eigs = sum(r["eigs_s"] for r in per_class.values())
     print(f"  all classes, λmax + λmin: {total_eigs:.2f}s", flush=True)
-    for c, H in operators.items():
+    out = {"per_class": per_class, "eigs_total_s": total_eigs, "variant": variant, "block_size": block,
+           "tol": args.tol, "tf32": args.tf32}
+    save(out)
+    for c, H in ([] if args.no_sweep_density else operators.items()):
         _, per_class[c]["density_s"] = timed(lambda: spectra.density(H, num_probes=4, num_steps=80), device)
         print(f"  class {c}: density 4x80 {per_class[c]['density_s']:.2f}s", flush=True)
-    return {"per_class": per_class, "eigs_total_s": total_eigs,
-            "density_total_s": sum(r["density_s"] for r in per_class.values()),
-            "variant": variant, "block_size": block, "tol": args.tol}
+        save(out)  # kept if a time limit cuts the densities short
+    if not args.no_sweep_density:
+        out["density_total_s"] = sum(r["density_s"] for r in per_class.values())
+    return out
 
 
 def main() -> None:
@@ -297,6 +321,10 @@ def main() -> None:
                    help="product variants to measure: eager, graphs (CUDA graphs), compile (needs --batch-size); "
                         "first products (compilation / capture) are timed apart")
     p.add_argument("--skip-others", action="store_true", help="spectra only")
+    p.add_argument("--tf32", action="store_true", help="TF32 convolutions and matmuls in the fp32 products (fast mode)")
+    p.add_argument("--reference-json", help="take the float64 reference from this earlier run's JSON")
+    p.add_argument("--sweep-block", type=int, help="block size of the --all-classes run (default: the fastest)")
+    p.add_argument("--no-sweep-density", action="store_true", help="--all-classes without the densities")
     p.add_argument("--no-density", action="store_true", help="skip the compared class's density timing")
     p.add_argument("--product-blocks", type=int, nargs="+", default=[4, 8], help="block sizes timed in 'products'")
     p.add_argument("--seed", type=int, default=0)
@@ -309,15 +337,19 @@ def main() -> None:
     model = build(args)
     classes, source = load_classes(args)
     report: dict[str, Any] = {"machine": machine(device), "data": source, "arch": args.arch, "checkpoint": args.checkpoint,
-                              "tf32": False, "variants": args.variants, "batch_size": args.batch_size, "dtype": "float32 (reference float64)"}
+                              "tf32": args.tf32, "variants": args.variants, "batch_size": args.batch_size, "dtype": "float32 (reference float64)"}
     print(f"[{report['machine']}] {args.arch}, {source}", flush=True)
     report["compare"] = compare_on_class(model, classes, args.compare_class, args, device)
     print(json.dumps(report["compare"], indent=1), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))  # kept if the per-class part is cut short
+    def save(sweep: dict[str, Any]) -> None:  # kept if a time limit cuts the per-class part short
+        Path(args.out).write_text(json.dumps({**report, "all_classes": sweep} if sweep else report, indent=1))
+
+    save({})
     if args.all_classes:
         best = report["compare"].get("best_for_all_classes", report["compare"]["best"])
-        report["all_classes"] = all_classes(model, classes, args, device, best["variant"], int(best["block"][5:]))
-    Path(args.out).write_text(json.dumps(report, indent=1))
+        block = args.sweep_block or int(best["block"][5:])
+        report["all_classes"] = all_classes(model, classes, args, device, best["variant"], block, save)
+    save({})
     print(f"wrote {args.out}")
 
 

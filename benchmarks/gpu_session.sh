@@ -20,6 +20,7 @@
 #              beside them and run the same sweep on .gpu/figure/ce-drw .gpu/figure/ce-drw-sam (stored entries are
 #              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
 #   PART=compile  the Hessian benchmark with torch.compile alone (what EIG_COMPILE=1 adds to PART=eigs).
+#   PART=levers  TF32 products (fast mode) and fp32 blocks of 1 and 2 for every class (EIG_CKPT, REF_JSON), ≈ 5 min.
 #   PART=ensemble training speed of 3 runs on CUDA streams vs one vectorised ensemble of 3 (≈ 80 s).
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
@@ -51,6 +52,20 @@ echo "== spectra with torch.compile (one padded static shape per block size)"
 timeout ${COMPILE_TIMEOUT:-150} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
   --compare-class 3 --skip-others --no-density --variants compile $EIG_ARGS --block-sizes 4 ${EIG_CKPT:+--checkpoint "$EIG_CKPT"} --out "$OUT/eigs_${DEVICE}_compiled.json" 2>&1 \
   | grep -v Warning > "$OUT/eigs_${DEVICE}_compiled.log"; tail -25 "$OUT/eigs_${DEVICE}_compiled.log"
+}
+part_levers() {
+# The levers left after CUDA graphs, on a trained checkpoint (EIG_CKPT): TF32 products (fast mode) against
+# the float64 reference of an earlier PART=eigs run (REF_JSON, same checkpoint; recomputed when unset), then
+# fp32 with blocks of 1 and 2 (PART=eigs tried 1/4/8) for every class. ≈ 5 min on an H200.
+local common="--device $DEVICE --dataset cifar10-lt --data-root /tmp/data --compare-class 3 --variants graphs --skip-others --no-density --all-classes"
+echo "== TF32 products: every class's λmax/λmin and density"
+timeout ${TF32_TIMEOUT:-170} python3 benchmarks/eigs_speed.py $common $EIG_ARGS --block-sizes 1 2 4 --product-blocks 4 8 --tf32 \
+  ${REF_JSON:+--reference-json "$REF_JSON"} ${EIG_CKPT:+--checkpoint "$EIG_CKPT"} --out "$OUT/eigs_${DEVICE}_tf32.json" 2>&1 \
+  | grep -v "Warning\|lanczos:" > "$OUT/eigs_${DEVICE}_tf32.log"; tail -14 "$OUT/eigs_${DEVICE}_tf32.log"
+echo "== fp32, blocks of 1 and 2: every class's λmax/λmin"
+timeout ${FP32_TIMEOUT:-140} python3 benchmarks/eigs_speed.py $common $EIG_ARGS --block-sizes 1 2 --product-blocks 2 --no-sweep-density \
+  ${REF_JSON:+--reference-json "$REF_JSON"} ${EIG_CKPT:+--checkpoint "$EIG_CKPT"} --out "$OUT/eigs_${DEVICE}_fp32_b12.json" 2>&1 \
+  | grep -v "Warning\|lanczos:" > "$OUT/eigs_${DEVICE}_fp32_b12.log"; tail -13 "$OUT/eigs_${DEVICE}_fp32_b12.log"
 }
 part_ensemble() {
 echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
