@@ -147,3 +147,17 @@ def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, d
     np.testing.assert_allclose(graphed[0].arrays["top"][0], float(dense["evals"][-1]), rtol=1e-8)
     with pytest.raises(AnalysisError, match="forward-over-reverse"):
         AnalysisSettings(cuda_graphs=True, hvp_method="double-backward")
+
+
+@pytest.mark.parametrize("settings, on_gpu", [
+    (dict(), True), (dict(hvp_method="forward-over-reverse"), True), (dict(hvp_method="double-backward"), False),
+    (dict(keep_graph=True), False), (dict(keep_graph=False), True), (dict(cuda_graphs=False), False),
+    (dict(cuda_graphs=True), True)])
+def test_cuda_graphs_default_on_for_gpu_products_that_allow_them(settings, on_gpu):
+    """cuda_graphs=None (the CLI default): graphs on CUDA unless the products are double-backward
+    (--hvp double-backward, --keep-graph); never on the CPU; an explicit choice wins."""
+    from spectra.analysis import uses_cuda_graphs
+
+    s = AnalysisSettings(**settings)
+    assert uses_cuda_graphs(s, torch.device("cuda", 0)) is on_gpu
+    assert uses_cuda_graphs(s, torch.device("cpu")) is False

@@ -61,7 +61,10 @@ class PerClassSpectra:
         self.results = Path(results) if results is not None else None
         self.device = device
         self.batch_size = batch_size
-        self.settings = AnalysisSettings(kind="eigs", top_k=1, bottom_k=1, tol=tol, max_iter=max_iter, seed=0)
+        # No CUDA graphs: the model is the one being trained (its parameters move between probes and
+        # training may replay graphs of its own); eager products are the safe choice here.
+        self.settings = AnalysisSettings(kind="eigs", top_k=1, bottom_k=1, tol=tol, max_iter=max_iter, seed=0,
+                                         cuda_graphs=False)
         self.cache = DataCache(DataOptions(root=data_root, split="train", max_samples=samples_per_class,
                                            batch_size=batch_size, device=str(device)))
 
