@@ -21,6 +21,8 @@
 #              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
 #   PART=compile  the Hessian benchmark with torch.compile alone (what EIG_COMPILE=1 adds to PART=eigs).
 #   PART=levers  TF32 products (fast mode) and fp32 blocks of 1 and 2 for every class (EIG_CKPT, REF_JSON), ≈ 5 min.
+#   PART=trainspeed  training speed alone: fp32 eager / graphs / inductor+graphs, 8 on streams, channels_last,
+#              bf16 + channels_last (what PART=eigs runs after its Hessian benchmark), ≈ 5 min.
 #   PART=ensemble training speed of 3 runs on CUDA streams vs one vectorised ensemble of 3 (≈ 80 s).
 #   PART=table,eigs  several parts, in that order.
 # Needs .gpu/ (carried, git-ignored): cifar10-jpeg.tar.gz, train_labels.npy,
@@ -72,6 +74,19 @@ echo "== 3 runs: CUDA streams vs one vectorised ensemble step"
 timeout ${ENSEMBLE_TIMEOUT:-80} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
   --modes graphs --concurrent 3 --ensemble 3 > "$OUT/train_speed_ensemble.log" 2>&1; tail -6 "$OUT/train_speed_ensemble.log"
 }
+part_trainspeed() {
+# Training speed of CE+DRW+SAM, one epoch per mode: fp32 eager / CUDA graphs / inductor + graphs (max),
+# 8 runs on streams; then channels_last, then bf16 autocast + channels_last. ≈ 5 min on an H200.
+echo "== training speed, fp32 (${SPEED_MODES:-off,graphs,max}; 8 concurrent on streams)"
+timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --modes ${SPEED_MODES:-off,graphs,max} --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
+echo "== training speed, fp32 (TF32 convolutions) with channels_last, graphs"
+timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --channels-last --modes graphs > "$OUT/train_speed_cl.log" 2>&1; tail -4 "$OUT/train_speed_cl.log"
+echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
+timeout ${BF16_TIMEOUT:-90} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
+  --amp bf16 --channels-last --modes ${BF16_MODES:-graphs,max} > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
+}
 part_eigs() {
 echo "== spectra eigenvalues/density benchmark"
 timeout ${EIG_TIMEOUT:-270} python3 benchmarks/eigs_speed.py --device "$DEVICE" --dataset cifar10-lt --data-root /tmp/data \
@@ -81,16 +96,8 @@ timeout ${EIG_TIMEOUT:-270} python3 benchmarks/eigs_speed.py --device "$DEVICE" 
 tail -25 "$OUT/eigs_${DEVICE}.log"
 [ "${EIG_COMPILE:-0}" = 1 ] && part_compile
 [ "${EIG_ONLY:-0}" = 1 ] && return  # EIG_ONLY=1: the Hessian benchmark alone (≈ 5 min), no training speed
-echo "== training speed"
-timeout ${SPEED_TIMEOUT:-110} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
-  --concurrent 8 > "$OUT/train_speed.log" 2>&1; tail -15 "$OUT/train_speed.log"
+part_trainspeed
 part_ensemble
-echo "== training speed, fp32 (TF32 convolutions) with channels_last, graphs"
-timeout ${CL_TIMEOUT:-45} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
-  --channels-last --modes graphs > "$OUT/train_speed_cl.log" 2>&1; tail -4 "$OUT/train_speed_cl.log"
-echo "== training speed, bf16 autocast + channels_last, graphs vs inductor+graphs"
-timeout ${BF16_TIMEOUT:-60} python3 benchmarks/train_speed.py --device "$DEVICE" --data-root /tmp/data --epochs 1 $SPEED_ARGS \
-  --amp bf16 --channels-last --modes graphs,max > "$OUT/train_speed_bf16.log" 2>&1; tail -6 "$OUT/train_speed_bf16.log"
 }
 part_gpucheck() {
 local budget=${CHECK_BUDGET:-420}
