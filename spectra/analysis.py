@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,7 +287,8 @@ def uses_cuda_graphs(settings: AnalysisSettings, device: torch.device) -> bool:
     (``hvp_method`` auto or forward-over-reverse) without a kept double-backward graph.
 
     Graphs change no result (the first replay of every shape is checked against an eager
-    product, and any failure falls back to eager products); on an H200 they made one product
+    product, any failure falls back to eager products, and by default a model whose padded
+    batches would change its loss gets eager products: ``_class_operator``); on an H200 they made one product
     of ResNet-32 2.9x faster (docs/performance.md).
     """
     if not _graphs_supported(device):
@@ -307,13 +309,22 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
     last = _GRAPHED.get("operator")
     if graphs and last is not None and _GRAPHED["key"] == key and _GRAPHED["model"]() is checkpoint.model:
         return last.with_data(batches)
-    H = spectra.HessianOperator(
-        checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint), batches,
-        params=list(settings.params) if settings.params else None,
-        dtype=torch.float64 if settings.dtype == "float64" else torch.float32, device=device,
-        method=settings.hvp_method, eval_mode=True, cache_data=cache_data, distributed=distributed,
-        graphs=graphs, keep_graph=settings.keep_graph if cache_data else False,
-    )
+    def build(graphs: bool) -> spectra.HessianOperator:
+        return spectra.HessianOperator(
+            checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint), batches,
+            params=list(settings.params) if settings.params else None,
+            dtype=torch.float64 if settings.dtype == "float64" else torch.float32, device=device,
+            method=settings.hvp_method, eval_mode=True, cache_data=cache_data, distributed=distributed,
+            graphs=graphs, keep_graph=settings.keep_graph if cache_data else False,
+        )
+
+    H = build(graphs)
+    if graphs and settings.cuda_graphs is None:  # by default only: an explicit --cuda-graphs reports the error
+        try:
+            H.check_static_shapes()
+        except ValueError as exc:  # padded rows would change this model's loss (e.g. batch-coupled layers)
+            warnings.warn(f"CUDA graphs off: {str(exc).splitlines()[0]}", RuntimeWarning, stacklevel=2)
+            return build(False)
     if graphs:
         _GRAPHED.update(operator=H, key=key, model=weakref.ref(checkpoint.model))
     return H

@@ -319,6 +319,16 @@ class HessianOperator:
             rows = torch.arange(pad_to, device=x.device) % n
             yield x[rows], y[rows], rows == torch.arange(pad_to, device=x.device)
 
+    def check_static_shapes(self) -> None:
+        """Raise ``ValueError`` now, not at the first padded product, if padding this data to
+        static shapes (``compile``/``graphs``) would be inexact for the loss and model."""
+        if self._row_mean_checked or not (self.compile or self.graphs):
+            return
+        for x, y in self.batches():
+            if self._padded_rows(len(y)) not in (None, len(y)):
+                self._check_row_mean(x, y)
+                return
+
     def _check_row_mean(self, x: Tensor, y: Tensor) -> None:
         """Padding is exact only if the loss is a plain mean of per-row terms; refuse otherwise.
 

@@ -2,6 +2,7 @@
 against dense Hessians computed independently of the operator."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -147,6 +148,27 @@ def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, d
     np.testing.assert_allclose(graphed[0].arrays["top"][0], float(dense["evals"][-1]), rtol=1e-8)
     with pytest.raises(AnalysisError, match="forward-over-reverse"):
         AnalysisSettings(cuda_graphs=True, hvp_method="double-backward")
+
+
+def test_default_graphs_fall_back_to_eager_when_padding_would_be_inexact(env, monkeypatch):
+    """cuda_graphs=None: an operator whose padded batches would be inexact is rebuilt without graphs
+    (one warning); an explicit cuda_graphs=True is not second-guessed here (the operator raises)."""
+    import spectra
+    from spectra import analysis
+
+    def refuse(self):
+        raise ValueError("compile/graphs pad batches to static shapes, which is exact only for ...")
+
+    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(spectra.HessianOperator, "check_static_shapes", refuse)
+    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
+    opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
+    eager = analyse_checkpoint(env["run"][-1], "3", dataclasses.replace(FAST, cuda_graphs=False), opts)
+    assert FAST.cuda_graphs is None
+    with pytest.warns(RuntimeWarning, match="CUDA graphs off: compile/graphs pad"):
+        default = analyse_checkpoint(env["run"][-1], "3", FAST, opts)
+    assert default[0].provenance["cuda_graphs"] is False
+    np.testing.assert_allclose(default[0].arrays["top"], eager[0].arrays["top"], rtol=1e-12)
 
 
 @pytest.mark.parametrize("settings, on_gpu", [

@@ -152,6 +152,24 @@ def test_padding_refuses_a_class_weighted_loss_over_mixed_classes():
     torch.testing.assert_close(H @ v, reference @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_check_static_shapes_raises_before_any_product():
+    """check_static_shapes() runs the padding check up front (the analyses' default graphs fall back
+    on it); it is a no-op without padding: no compile/graphs, or no batch that needs padding."""
+    problem = mlp_problem()
+    x = torch.cat([b[0] for b in problem.batches])[:10]
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    H = spectra.HessianOperator(problem.model, weighted, (x, y), batch_size=8, compile=True)
+    with pytest.raises(ValueError, match="plain mean over samples"):
+        H.check_static_shapes()
+    assert H.num_matvecs == 0
+    spectra.HessianOperator(problem.model, weighted, (x, y), batch_size=8).check_static_shapes()
+    spectra.HessianOperator(problem.model, weighted, (x[:8], y[:8]), batch_size=8, compile=True).check_static_shapes()
+    same = spectra.HessianOperator(problem.model, weighted, (x, torch.full_like(y, 2)), batch_size=8, compile=True)
+    same.check_static_shapes()
+    assert same._row_mean_checked
+
+
 def test_with_data_shares_the_product_and_gives_the_other_hessian(dense_cache):
     problem, dense = dense_cache("cnn")
     other = cnn_problem(seed=1)
