@@ -77,10 +77,15 @@ def hessian_loss(name: str, class_counts: Sequence[int] | None, checkpoint: Load
                             "which this checkpoint and data set do not record")
     from .train.losses import build_loss
 
+    return build_loss(name, class_counts, **_loss_parameters(name, checkpoint))
+
+
+def _loss_parameters(name: str, checkpoint: LoadedCheckpoint) -> dict[str, float]:
+    """The LDAM/VS parameters the checkpoint's training config records (none for CE)."""
     config = checkpoint.extra.get("config") or {}
-    keys = {"ldam": {"max_margin": "ldam_max_margin", "scale": "ldam_scale"},
+    keys = {"ce": {}, "ldam": {"max_margin": "ldam_max_margin", "scale": "ldam_scale"},
             "vs": {"gamma": "vs_gamma", "tau": "vs_tau"}}[name]
-    return build_loss(name, class_counts, **{k: float(config[c]) for k, c in keys.items() if c in config})
+    return {k: float(config[c]) for k, c in keys.items() if c in config}
 
 
 # ------------------------------------------------------------------ settings
@@ -273,7 +278,8 @@ def analyse_class(
 
 
 # The last operator built with CUDA graphs: the next class of the same model reuses
-# its captured products (HessianOperator.with_data) instead of capturing again.
+# its captured products (HessianOperator.with_data) instead of capturing again, and so
+# does the next checkpoint of the same architecture (HessianOperator.load_weights).
 _GRAPHED: dict[str, Any] = {}
 
 
@@ -298,17 +304,35 @@ def uses_cuda_graphs(settings: AnalysisSettings, device: torch.device) -> bool:
     return settings.hvp_method != "double-backward" and not settings.keep_graph
 
 
+def _architecture(checkpoint: LoadedCheckpoint) -> tuple[str, str] | None:
+    """(arch, arch_kwargs) of a model rebuilt from them, whose non-tensor attributes they
+    determine; None for pickled modules and unrebuilt TorchScript, which are not shared."""
+    if checkpoint.format == "pickled-module" or checkpoint.arch.startswith("torchscript:"):
+        return None
+    return checkpoint.arch, json.dumps(checkpoint.arch_kwargs, sort_keys=True, default=str)
+
+
 def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: AnalysisSettings,
                     device: torch.device, batch_size: int, class_counts: list[int] | None,
                     cache_data: bool, distributed: bool | None) -> spectra.HessianOperator:
     """The Hessian operator of one class (sharing captured products with the previous class)."""
     batches = spectra.as_batches(data.inputs, data.targets, batch_size)
     graphs = uses_cuda_graphs(settings, device)
-    key = (settings.loss, tuple(class_counts or ()), settings.dtype, settings.params, str(device),
-           settings.hvp_method, cache_data, distributed, batch_size)
+    key = (settings.loss, tuple(sorted(_loss_parameters(settings.loss, checkpoint).items())),
+           tuple(class_counts or ()), settings.dtype, settings.params, str(device),
+           settings.hvp_method, cache_data, distributed, batch_size, _architecture(checkpoint))
     last = _GRAPHED.get("operator")
-    if graphs and last is not None and _GRAPHED["key"] == key and _GRAPHED["model"]() is checkpoint.model:
-        return last.with_data(batches)
+    if graphs and last is not None and _GRAPHED["key"] == key:
+        if _GRAPHED["model"]() is checkpoint.model:
+            return last.with_data(batches)
+        if _architecture(checkpoint) is not None and last.owns_weights:
+            try:  # the next checkpoint of the same architecture: its weights into the captured products
+                last.load_weights(checkpoint.model)
+            except ValueError:
+                pass
+            else:
+                _GRAPHED["model"] = weakref.ref(checkpoint.model)
+                return last.with_data(batches)
     def build(graphs: bool) -> spectra.HessianOperator:
         return spectra.HessianOperator(
             checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint), batches,

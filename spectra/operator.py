@@ -213,6 +213,8 @@ class HessianOperator:
         self._row_mean_checked = False
         self.param_names = select_parameters(model, params)  # by identity: before any copy
         self.model = self._converted(model)
+        self._owns_weights = self.model is not model  # a converted copy: load_weights may write to it
+        self._module_types = [type(m) for m in model.modules()]
         state = dict(self.model.named_parameters())
         state.update(self.model.named_buffers())
         self._params = {n: state.pop(n).detach() for n in self.param_names}
@@ -249,6 +251,37 @@ class HessianOperator:
         other._row_mean_checked = False
         other._kept_graphs = other._graph_store()
         return other
+
+    @property
+    def owns_weights(self) -> bool:
+        """Whether the operator computes with its own copy of the weights (the model was converted:
+        BatchNorm folded, or another device/dtype), so :meth:`load_weights` cannot touch the caller's."""
+        return self._owns_weights
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Compute from now on at ``model``'s weights: copied in place into this operator's tensors.
+
+        For a model of the same architecture (module types, parameter and buffer names and
+        shapes; the caller vouches for its non-tensor attributes), e.g. the next checkpoint of
+        a run. Every operator made from this one by :meth:`with_data` shares the tensors, and
+        its compiled or captured products read them, so nothing is compiled or captured again.
+        Raises ``ValueError`` for another architecture or when the operator does not own its
+        weights (:attr:`owns_weights`).
+        """
+        if not self.owns_weights:
+            raise ValueError("this operator computes with the caller's model tensors; "
+                             "load_weights would overwrite them")
+        new = dict(model.named_parameters())
+        new.update(model.named_buffers())
+        mine = {**self._frozen, **self._params}
+        if ([type(m) for m in model.modules()] != self._module_types or set(new) != set(mine)
+                or any(new[n].shape != t.shape for n, t in mine.items())):
+            raise ValueError("load_weights needs a model of the same architecture "
+                             "(module types, parameter and buffer names and shapes)")
+        with torch.no_grad():
+            for name, t in mine.items():
+                t.copy_(new[name])
+        self._kept_graphs = self._graph_store()  # kept gradient graphs belong to the old weights
 
     def _graph_store(self) -> Optional[dict[int, tuple]]:
         """Where kept gradient graphs go (``None``: rebuilt every product), see ``keep_graph``."""

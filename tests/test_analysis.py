@@ -150,6 +150,32 @@ def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, d
         AnalysisSettings(cuda_graphs=True, hvp_method="double-backward")
 
 
+def test_cuda_graph_products_are_shared_across_checkpoints_of_one_architecture(env, monkeypatch):
+    """The next checkpoint of the same architecture reuses the captured products: its weights are
+    loaded into them (one operator built, one load_weights), and every result equals the eager one."""
+    import spectra
+    from spectra import analysis
+
+    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
+    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
+    opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
+    paths = env["run"][-2:]
+    eager = [analyse_checkpoint(p, "3,5", dataclasses.replace(FAST, cuda_graphs=False), opts) for p in paths]
+    built, loaded = [], []
+    init, load = spectra.HessianOperator.__init__, spectra.HessianOperator.load_weights
+    monkeypatch.setattr(spectra.HessianOperator, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    monkeypatch.setattr(spectra.HessianOperator, "load_weights", lambda self, m: loaded.append(1) or load(self, m))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        graphed = [analyse_checkpoint(p, "3,5", FAST, opts) for p in paths]
+    assert len(built) == 1 and len(loaded) == 1
+    assert eager[0][0].arrays["top"][0] != pytest.approx(eager[1][0].arrays["top"][0], rel=1e-6)  # checkpoints differ
+    for records, expected in zip(graphed, eager):
+        for b, a in zip(records, expected):
+            np.testing.assert_allclose(b.arrays["top"], a.arrays["top"], rtol=1e-9)
+            np.testing.assert_allclose(b.arrays["bottom"], a.arrays["bottom"], rtol=1e-9,
+                                       atol=1e-9 * abs(a.arrays["top"][0]))
+
+
 def test_default_graphs_fall_back_to_eager_when_padding_would_be_inexact(env, monkeypatch):
     """cuda_graphs=None: an operator whose padded batches would be inexact is rebuilt without graphs
     (one warning); an explicit cuda_graphs=True is not second-guessed here (the operator raises)."""

@@ -1,10 +1,12 @@
 """HessianOperator against dense float64 Hessians (tests/problems.py)."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import spectra
-from problems import PROBLEMS, cnn_problem, mlp_problem
+from problems import PROBLEMS, Problem, TinyResNet, cnn_problem, dense_hessian, mlp_problem
 from spectra.graphed_product import padded_rows
 
 NAMES = list(PROBLEMS)
@@ -186,6 +188,45 @@ def test_with_data_shares_the_product_and_gives_the_other_hessian(dense_cache):
     torch.testing.assert_close(H @ v, dense @ v, rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
     with pytest.raises(ValueError, match="empty"):
         H.with_data([])
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("name", ["cnn", "cnn-layer"])
+def test_load_weights_gives_the_other_models_hessian_through_the_same_products(dense_cache, name, graphs):
+    """load_weights(next checkpoint's model): this operator and its with_data operators, with the
+    same (captured) products, give the other model's dense Hessian; the callers' models are untouched."""
+    problem, _ = dense_cache(name)
+    other = cnn_problem(seed=2, params=problem.params)
+    before = {n: t.clone() for n, t in problem.model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # graphs on a CPU: padded products run eagerly
+        H = problem.operator(method="forward-over-reverse", graphs=graphs, batch_size=4)
+    H @ torch.ones(H.dim, dtype=torch.float64)
+    product = H._product
+    assert H.owns_weights
+    H.load_weights(other.model)
+    expected = dense_hessian(Problem(name, other.model, problem.batches, params=problem.params))
+    scale = expected.abs().max() * H.dim ** 0.5
+    torch.testing.assert_close(H.to_dense(), expected, rtol=0, atol=1e-12 * scale)
+    assert H._product is product
+    half = H.with_data(other.batches[:1])
+    expected_half = dense_hessian(Problem(name, other.model, other.batches[:1], params=problem.params))
+    torch.testing.assert_close(half.to_dense(), expected_half, rtol=0, atol=1e-12 * scale)
+    assert all(torch.equal(t, before[n]) for n, t in problem.model.state_dict().items())
+
+
+def test_load_weights_refuses_another_architecture_or_the_callers_tensors(dense_cache):
+    problem, _ = dense_cache("cnn")
+    H = problem.operator()
+    with pytest.raises(ValueError, match="same architecture"):
+        H.load_weights(mlp_problem().model)
+    with pytest.raises(ValueError, match="same architecture"):
+        H.load_weights(TinyResNet(width=5).double())
+    mlp = mlp_problem()  # float64, no BatchNorm: used as it is, not copied
+    H = mlp.operator()
+    assert not H.owns_weights
+    with pytest.raises(ValueError, match="caller's model tensors"):
+        H.load_weights(mlp_problem(seed=1).model)
 
 
 def test_auto_method_uses_double_backward_on_a_cpu(dense_cache, monkeypatch):
