@@ -12,7 +12,9 @@
 #   PART=gpucheck  CE alone for 200 epochs, twice at once in two processes: eager (--compile off)
 #              and CUDA graphs, to compare with the table's CE row (graphs replayed on 8 streams);
 #              ≈ 6 min on an H200; CHECK_BUDGET (default 420 s) caps each run, so timeout_s 480 suffices.
-#   PART=figure  ce-drw and ce-drw-sam (the paper's figure: per-class |λmin/λmax| over the epochs),
+#   PART=figure  ce-drw and ce-drw-sam (the paper's figure: per-class |λmin/λmax| over the epochs; FIG_METHODS=
+#              ce-drw,ce-drw-sam,ce-drw-pgd adds a run on another stream; with 3 runs use SNAP_EVERY=40, or the
+#              snapshot archives pass the 64 MiB that comes back),
 #              weights-only snapshots every 20 epochs (SNAP_EVERY) + epoch 1, back as fig*.tgz (≤ 16 MB each);
 #              FIG_BUDGET seconds (default 480) then a clean stop; a second call resumes (like PART=table).
 #              Then spectra sweep of the snapshots into figure_spectra.h5 for SWEEP_BUDGET s (default 240);
@@ -141,19 +143,19 @@ pack_parts "$TABLE" table ckpt 3 "$TABLE"/*/last.pt
 part_figure() {
 # Same pattern as part_table: runs in .figure-runs/ (git-ignored), seeded from a carried .gpu/figure/.
 # At most 8 files come back from $OUT: logs go into figure.tgz, snapshots 8 per archive (3 archives).
-local FIG=.figure-runs budget=${FIG_BUDGET:-480}
+local FIG=.figure-runs budget=${FIG_BUDGET:-480} methods=${FIG_METHODS:-ce-drw,ce-drw-sam}
 local resume; resume=$(runs_dir "$FIG" figure)
 mkdir -p "$FIG"
-echo "== CE+DRW and CE+DRW+SAM with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
+echo "== $methods with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
 timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$FIG" $resume \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$budget" --eval-every ${EVAL_EVERY:-5} --save-every ${SNAP_EVERY:-20} \
-  --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods ce-drw,ce-drw-sam \
+  --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods "$methods" \
   $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$FIG/figure.log" 2>&1
 tail -8 "$FIG/figure.log"
 # The per-class extremes of the snapshots, for what time is left (SWEEP_BUDGET); the store commits entry by
 # entry, so a sweep cut off here is finished elsewhere with the same command (stored entries are skipped).
 echo "== per-class λmax/λmin of the snapshots (budget ${SWEEP_BUDGET:-240}s)"
-timeout ${SWEEP_BUDGET:-240} python3 -m spectra sweep "$FIG"/ce-drw "$FIG"/ce-drw-sam --classes all --out "$FIG/figure_spectra.h5" \
+timeout ${SWEEP_BUDGET:-240} python3 -m spectra sweep $(printf "$FIG/%s " ${methods//,/ }) --classes all --out "$FIG/figure_spectra.h5" \
   --data-root /tmp/data --max-samples ${SWEEP_SAMPLES:-100} --tol 1e-4 --max-iter 100 --device "$DEVICE" \
   $( [ "$DEVICE" = cuda ] && echo --cuda-graphs ) > "$FIG/figure_sweep.log" 2>&1
 tail -3 "$FIG/figure_sweep.log"; python3 -m spectra info "$FIG/figure_spectra.h5" 2>/dev/null | tail -3
