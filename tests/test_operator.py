@@ -137,12 +137,18 @@ def test_graphs_pad_to_power_of_two_buckets_exactly(dense_cache):
     torch.testing.assert_close(H @ v[:, 0], dense @ v[:, 0], rtol=0, atol=1e-12 * dense.abs().max() * H.dim ** 0.5)
 
 
-def test_padding_refuses_a_class_weighted_loss_over_mixed_classes():
-    """Repeating rows changes a class-weighted mean: padding such a batch would be silently wrong."""
+def _mixed_classes_with_class_weights():
+    """The mlp model, 10 rows of 4 classes and a class-weighted CE: padding them is inexact."""
     problem = mlp_problem()
     x = torch.cat([b[0] for b in problem.batches])[:10]
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
     weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    return problem, x, y, weighted
+
+
+def test_padding_refuses_a_class_weighted_loss_over_mixed_classes():
+    """Repeating rows changes a class-weighted mean: padding such a batch would be silently wrong."""
+    problem, x, y, weighted = _mixed_classes_with_class_weights()
     H = spectra.HessianOperator(problem.model, weighted, (x, y), batch_size=8, compile=True)
     with pytest.raises(ValueError, match="plain mean over samples"):
         H @ torch.ones(H.dim, dtype=torch.float64)
@@ -157,10 +163,7 @@ def test_padding_refuses_a_class_weighted_loss_over_mixed_classes():
 def test_check_static_shapes_raises_before_any_product():
     """check_static_shapes() runs the padding check up front (the analyses' default graphs fall back
     on it); it is a no-op without padding: no compile/graphs, or no batch that needs padding."""
-    problem = mlp_problem()
-    x = torch.cat([b[0] for b in problem.batches])[:10]
-    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
-    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    problem, x, y, weighted = _mixed_classes_with_class_weights()
     H = spectra.HessianOperator(problem.model, weighted, (x, y), batch_size=8, compile=True)
     with pytest.raises(ValueError, match="plain mean over samples"):
         H.check_static_shapes()
