@@ -65,9 +65,10 @@ class TrainConfig:
     pgd_radius: float = 0.5
     pgd_grad_threshold: float | None = None  # None: every step is eligible (mini-batch gradients never vanish)
     pgd_interval: int = 1
-    # LPF-SGD (Bisla et al. 2022): gradient averaged over M copies w + eps, eps ~ N(0, (sigma·||W||)^2) per tensor
-    lpf_samples: int = 8
-    lpf_sigma: float = 5e-4
+    # LPF-SGD (Bisla et al. 2022, as their code): the batch split into M parts, part m's gradient at w + eps_m,
+    # eps ~ N(0, (sigma·||row||)^2) per filter row (per tensor for vectors); their CIFAR setting M 1, sigma 0.002
+    lpf_samples: int = 1
+    lpf_sigma: float = 2e-3
     # run control
     seed: int = 0
     device: str = "auto"
@@ -133,6 +134,9 @@ class TrainConfig:
                 _check_range(name, item, low, low_open, high, high_open)
         if len(self.lr_factors) != len(self.resolved_lr_milestones()):
             raise ValueError("lr_factors and lr_milestones must have the same length")
+        if self.optimizer == "lpf" and self.batch_size % self.lpf_samples:
+            raise ValueError(f"lpf_samples ({self.lpf_samples}) must divide the batch size ({self.batch_size}): "
+                             "LPF-SGD splits each batch into that many equal parts")
 
 
 # Allowed ranges: name -> (low, low excluded, high, high excluded); None = unbounded.

@@ -58,7 +58,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .evaluation import evaluate, tail_classes
 from .losses import build_loss, effective_number_weights
-from .noise import lpf_noise, pgd_perturbation, split_like
+from .noise import LPFNoise, pgd_perturbation, split_like
 from .sam import global_grad_norm, sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
@@ -215,6 +215,9 @@ class Trainer:
         if self.config.batch_size % ctx.world_size:
             raise ValueError(f"the batch size {self.config.batch_size} (global) does not split evenly over "
                              f"{ctx.world_size} ranks")
+        per_rank = self.config.batch_size // ctx.world_size
+        if self.config.optimizer == "lpf" and per_rank % self.config.lpf_samples:
+            raise ValueError(f"lpf_samples ({self.config.lpf_samples}) must divide the per-rank batch ({per_rank})")
         if self.config.last_batch == "short" and ctx.world_size > 1:
             raise ValueError("last_batch='short' is for one process (its last batch does not split over ranks); "
                              "use 'wrap' or 'drop' under torchrun")
@@ -262,6 +265,7 @@ class Trainer:
                                 c.batch_size if world > 1 else None)
         self.rho = torch.tensor(float(c.rho), device=self.device)
         self.drw_weights = effective_number_weights(self.class_counts, c.drw_beta).to(self.device)
+        self._lpf_noise = LPFNoise(self.params) if c.optimizer == "lpf" else None
         self.autocast_dtype = torch.bfloat16 if c.amp == "bf16" else None
 
     def _resolve_compile(self) -> str:
@@ -325,17 +329,20 @@ class Trainer:
         x, y = s.model_input(), s.y
         share = self._rank_loss_scale()
         if c.optimizer == "lpf":
-            # Gradient of the Gaussian-smoothed loss: mean over M noisy copies.
-            loss, logits = None, None
-            for m in range(c.lpf_samples):
-                eps = lpf_noise(s.noise[m], params, c.lpf_sigma)
+            # Gradient of the Gaussian-smoothed loss, as LPF-SGD's code: part m of the batch at w + ε_m,
+            # weighted 1/M (a short last batch: parts of the full batch's part size, fewer of them).
+            part = (c.batch_size // self.dist.world_size) // c.lpf_samples
+            losses, parts = [], []
+            for m, (xm, ym) in enumerate(zip(x.split(part), y.split(part))):
+                eps = self._lpf_noise(s.noise[m], params, c.lpf_sigma)
                 with torch.no_grad():
                     torch._foreach_add_(params, eps)
-                loss_m, logits_m = self._loss_and_backward(x, y, scale=share / c.lpf_samples, accumulate=m > 0)
+                loss_m, logits_m = self._loss_and_backward(xm, ym, scale=share / c.lpf_samples, accumulate=m > 0)
                 with torch.no_grad():
                     torch._foreach_sub_(params, eps)
-                if m == 0:
-                    loss, logits = loss_m, logits_m
+                losses.append(loss_m)
+                parts.append(logits_m)
+            loss, logits = torch.stack(losses).mean(), torch.cat(parts)
         else:
             loss, logits = self._loss_and_backward(x, y, scale=share)
         sd.average_gradients(params)  # no-op in one process; SAM's g/||g|| needs the global g

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from spectra.train.noise import lpf_noise, pgd_perturbation, split_like
+from spectra.train.noise import LPFNoise, pgd_perturbation, split_like
 from spectra.train.sam import global_grad_norm, sam_perturbation
 from spectra.train.sgd import TensorLRSGD
 
@@ -85,13 +85,19 @@ def test_pgd_perturbation_radius_and_mask():
     assert torch.count_nonzero(pgd_perturbation(z, 0.5, torch.tensor(0.0))) == 0
 
 
-def test_lpf_noise_scales_with_tensor_norm():
-    params = [torch.full((2, 2), 3.0), torch.full((5,), 1.0)]  # norms 6 and sqrt(5)
-    z = torch.ones(9)
-    eps = lpf_noise(z, params, sigma=0.01)
-    assert torch.allclose(eps[0], torch.full((2, 2), 0.06))
-    assert torch.allclose(eps[1], torch.full((5,), 0.01 * 5**0.5))
-    assert [p.shape for p in split_like(torch.arange(9.0), params)] == [(2, 2), (5,)]
+def test_lpf_noise_scales_with_each_filters_norm():
+    """LPF-SGD's code: a weight's row i (a conv filter, a linear unit) scales by its own norm,
+    a vector by the whole vector's norm."""
+    conv = torch.zeros(2, 1, 2, 2)
+    conv[0] = 3.0 / 2  # filter norms 3 and 4
+    conv[1] = 2.0
+    params = [conv, torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.full((5,), 1.0)]  # rows 5, 1; vector sqrt(5)
+    z = torch.ones(8 + 4 + 5)
+    eps = LPFNoise(params)(z, params, sigma=0.01)
+    assert torch.allclose(eps[0][0], torch.full((1, 2, 2), 0.03)) and torch.allclose(eps[0][1], torch.full((1, 2, 2), 0.04))
+    assert torch.allclose(eps[1], torch.tensor([[0.05, 0.05], [0.01, 0.01]]))
+    assert torch.allclose(eps[2], torch.full((5,), 0.01 * 5**0.5))
+    assert [p.shape for p in split_like(torch.arange(17.0), params)] == [(2, 1, 2, 2), (2, 2), (5,)]
 
 
 def test_gradients_into_equals_zeroed_backward_bit_for_bit():

@@ -82,7 +82,39 @@ def sam_first_step(params: list[torch.Tensor], rho: float) -> list[torch.Tensor]
     return e_ws
 
 
-def reference_run(trainer: Trainer, initial: dict, method_loss: str, drw: bool, rho: float | None) -> torch.nn.Module:
+def reference_lpf_noise(z: torch.Tensor, params: list[torch.Tensor], std: float) -> list[torch.Tensor]:
+    """LPF-SGD's code (``lpf_train.py``): each filter row's norm for weights, the norm for vectors."""
+    out, start = [], 0
+    for mp in params:
+        zp = z[start:start + mp.numel()].view_as(mp)
+        start += mp.numel()
+        if len(mp.shape) > 1:
+            sh_mul = int(np.prod(mp.shape[1:]))
+            temp = mp.view(mp.shape[0], -1).norm(dim=1, keepdim=True).repeat(1, sh_mul).view(mp.shape)
+        else:
+            temp = torch.full_like(mp, mp.view(-1).norm().item() + 1e-16)
+        out.append(std * temp * zp)  # torch.normal(0, std·temp), drawn from the trainer's numbers
+    return out
+
+
+def lpf_step(model, params, opt, criterion, x, y, w, z, m_parts: int, std: float, batch_size: int) -> None:
+    """One LPF-SGD update as its authors' loop: the batch split into parts of batch_size / M, part m's
+    loss / M back-propagated at w + ε_m, then one optimizer step."""
+    opt.zero_grad()
+    for m, (xm, ym) in enumerate(zip(torch.split(x, batch_size // m_parts), torch.split(y, batch_size // m_parts))):
+        noise = reference_lpf_noise(z[m], params, std)
+        with torch.no_grad():
+            for p, n in zip(params, noise):
+                p.add_(n)
+        (criterion(model(xm), ym, w) / m_parts).backward()
+        with torch.no_grad():
+            for p, n in zip(params, noise):
+                p.sub_(n)
+    opt.step()
+
+
+def reference_run(trainer: Trainer, initial: dict, method_loss: str, drw: bool, rho: float | None,
+                  lpf: tuple[int, float] | None = None) -> torch.nn.Module:
     model = copy.deepcopy(trainer.model)
     model.load_state_dict(initial)
     model.train()
@@ -96,10 +128,15 @@ def reference_run(trainer: Trainer, initial: dict, method_loss: str, drw: bool, 
             group["lr"] = reference_lr(epoch0)
         w = reference_drw_weights(counts, epoch0) if drw else None
         xs, ys = trainer.batches.epoch(epoch0 + 1)  # the trainer's batches (uint8, augmented)
+        noise = trainer._noise_for_epoch(epoch0 + 1)  # the trainer's noise numbers (seeded per epoch)
         for i, (xb, yb) in enumerate(zip(xs, ys)):
             rows = trainer.batches.batch_size_of(i)  # last_batch="short": the DataLoader's short last batch
             xb, yb = xb[:rows], yb[:rows]
             x = (xb.float() / 255.0 - mean) / std  # ToTensor + Normalize
+            if lpf is not None:
+                z = torch.empty(lpf[0], sum(p.numel() for p in params)).normal_(generator=noise)
+                lpf_step(model, params, opt, criterion, x, yb, w, z, lpf[0], lpf[1], trainer.config.batch_size)
+                continue
             loss = criterion(model(x), yb, w)
             opt.zero_grad()
             loss.backward()
@@ -133,11 +170,14 @@ def data_root(tmp_path_factory):
     ("vs", "vs", False, None, "wrap"),
     ("ce-drw", "ce", True, None, "short"),  # the reference's loader exactly: a short last batch
     ("ce-drw-sam", "ce", True, 0.5, "short"),
+    ("ce-drw-lpf", "ce", True, None, "wrap"),  # LPF-SGD's loop, M = 2 parts of 8
+    ("ce-drw-lpf", "ce", True, None, "short"),
 ])
 def test_trainer_equals_plain_reference_loop(method, loss, drw, rho, last_batch, data_root, tmp_path):
     cfg = resolve_config(method, data_root=str(data_root), epochs=EPOCHS, batch_size=16, progress=False,
                          imbalance_ratio=10.0, arch="smooth_net:SmoothNet", warmup_epochs=WARMUP, lr_milestones=list(MILESTONES),
-                         drw_epoch=DRW_EPOCH, compile="off", device="cpu", last_batch=last_batch)
+                         drw_epoch=DRW_EPOCH, compile="off", device="cpu", last_batch=last_batch, lpf_samples=2,
+                         lpf_sigma=0.01)
     assert (cfg.rho if cfg.optimizer == "sam" else None) == rho
     trainer = Trainer(cfg, tmp_path / method, log=lambda m: None)
     trainer.prepare()
@@ -146,7 +186,8 @@ def test_trainer_equals_plain_reference_loop(method, loss, drw, rho, last_batch,
     assert (trainer.batches.last_size < 16) == (last_batch == "short")
     for epoch in range(1, EPOCHS + 1):
         trainer.train_epoch(epoch)
-    ref = reference_run(trainer, initial, loss, drw, rho)
+    lpf = (cfg.lpf_samples, cfg.lpf_sigma) if cfg.optimizer == "lpf" else None
+    ref = reference_run(trainer, initial, loss, drw, rho, lpf)
     ours, theirs = trainer.model.state_dict(), ref.state_dict()
     moved = max(float((ours[k].double() - initial[k].double()).abs().max()) for k in ours if ours[k].is_floating_point())
     assert moved > 1e-2  # the runs did train

@@ -50,6 +50,10 @@ def test_bad_settings_are_one_line_errors():
         resolve_config("ce", optimizer="adam")
     with pytest.raises(ValueError, match="unknown training setting"):
         resolve_config("ce", nonsense=1)
+    with pytest.raises(ValueError, match=r"lpf_samples \(3\) must divide the batch size \(128\)"):
+        resolve_config("ce-drw-lpf", lpf_samples=3)
+    assert resolve_config("ce-drw-lpf", lpf_samples=8).lpf_samples == 8
+    assert resolve_config("ce-drw", lpf_samples=3).lpf_samples == 3  # unused without LPF: not checked
 
 
 def test_parse_override():
