@@ -176,6 +176,26 @@ def test_cuda_graph_products_are_shared_across_checkpoints_of_one_architecture(e
                                        atol=1e-9 * abs(a.arrays["top"][0]))
 
 
+@pytest.mark.parametrize("settings, arrays", [
+    (AnalysisSettings(kind="density", probes=3, steps=10, dtype="float64"), ("nodes", "weights")),
+    (AnalysisSettings(kind="trace", trace_probes=12, dtype="float64"), ("estimate", "stderr")),
+])
+def test_density_and_trace_through_graph_products_equal_eager(env, monkeypatch, settings, arrays):
+    """Densities (blocks of probes) and Hutch++ (blocks of several widths: one captured shape each)
+    through the default graph products give the eager results (same seed)."""
+    from spectra import analysis
+
+    opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
+    eager = analyse_checkpoint(env["run"][-1], "3", dataclasses.replace(settings, cuda_graphs=False), opts)
+    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
+    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        graphed = analyse_checkpoint(env["run"][-1], "3", settings, opts)
+    assert graphed[0].provenance["settings_hash"] == eager[0].provenance["settings_hash"]
+    for name in arrays:
+        np.testing.assert_allclose(graphed[0].arrays[name], eager[0].arrays[name], rtol=1e-9, atol=1e-12)
+
+
 def test_default_graphs_fall_back_to_eager_when_padding_would_be_inexact(env, monkeypatch):
     """cuda_graphs=None: an operator whose padded batches would be inexact is rebuilt without graphs
     (one warning); an explicit cuda_graphs=True is not second-guessed here (the operator raises)."""
