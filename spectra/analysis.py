@@ -333,6 +333,7 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
             else:
                 _GRAPHED["model"] = weakref.ref(checkpoint.model)
                 return last.with_data(batches)
+
     def build(graphs: bool) -> spectra.HessianOperator:
         return spectra.HessianOperator(
             checkpoint.model, hessian_loss(settings.loss, class_counts, checkpoint), batches,
