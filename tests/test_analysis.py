@@ -124,19 +124,28 @@ def test_ldam_loss_hessian_matches_dense(env, dense):
     assert abs(rec.arrays["top"][0] - float(dense["evals"][-1])) > 1e-3 * scale  # not the CE Hessian
 
 
-def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, dense, monkeypatch):
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """Analyses take the CUDA-graph path on the CPU (padded products run eagerly: a stand-in for the
+    capture), starting without a cached operator: one left by an earlier test would be reused
+    (with_data, load_weights) and change what a test counts."""
+    from spectra import analysis
+
+    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
+    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
+
+
+def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, dense, monkeypatch, graphs_on_cpu):
     """cuda_graphs: the second class reuses the first class's operator products (with_data);
     results equal the eager ones. Off CUDA the setting is ignored; here the padded static-shape
     products run eagerly (a CPU stand-in for the capture) to exercise the sharing."""
     import spectra
-    from spectra import analysis
 
     opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
-    eager = analyse_checkpoint(env["run"][-1], "3,5", FAST, opts)
+    eager = analyse_checkpoint(env["run"][-1], "3,5", dataclasses.replace(FAST, cuda_graphs=False), opts)
     shared = []
     with_data = spectra.HessianOperator.with_data
     monkeypatch.setattr(spectra.HessianOperator, "with_data", lambda self, *a, **k: shared.append(self) or with_data(self, *a, **k))
-    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
     graphed_settings = AnalysisSettings(kind="eigs", tol=1e-6, dtype="float64", max_iter=120, cuda_graphs=True)
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         graphed = analyse_checkpoint(env["run"][-1], "3,5", graphed_settings, opts)
@@ -150,14 +159,11 @@ def test_cuda_graph_products_are_shared_across_classes_and_change_nothing(env, d
         AnalysisSettings(cuda_graphs=True, hvp_method="double-backward")
 
 
-def test_cuda_graph_products_are_shared_across_checkpoints_of_one_architecture(env, monkeypatch):
+def test_cuda_graph_products_are_shared_across_checkpoints_of_one_architecture(env, monkeypatch, graphs_on_cpu):
     """The next checkpoint of the same architecture reuses the captured products: its weights are
     loaded into them (one operator built, one load_weights), and every result equals the eager one."""
     import spectra
-    from spectra import analysis
 
-    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
-    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
     opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
     paths = env["run"][-2:]
     eager = [analyse_checkpoint(p, "3,5", dataclasses.replace(FAST, cuda_graphs=False), opts) for p in paths]
@@ -180,15 +186,11 @@ def test_cuda_graph_products_are_shared_across_checkpoints_of_one_architecture(e
     (AnalysisSettings(kind="density", probes=3, steps=10, dtype="float64"), ("nodes", "weights")),
     (AnalysisSettings(kind="trace", trace_probes=12, dtype="float64"), ("estimate", "stderr")),
 ])
-def test_density_and_trace_through_graph_products_equal_eager(env, monkeypatch, settings, arrays):
+def test_density_and_trace_through_graph_products_equal_eager(env, graphs_on_cpu, settings, arrays):
     """Densities (blocks of probes) and Hutch++ (blocks of several widths: one captured shape each)
     through the default graph products give the eager results (same seed)."""
-    from spectra import analysis
-
     opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
     eager = analyse_checkpoint(env["run"][-1], "3", dataclasses.replace(settings, cuda_graphs=False), opts)
-    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
-    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         graphed = analyse_checkpoint(env["run"][-1], "3", settings, opts)
     assert graphed[0].provenance["settings_hash"] == eager[0].provenance["settings_hash"]
@@ -196,18 +198,15 @@ def test_density_and_trace_through_graph_products_equal_eager(env, monkeypatch, 
         np.testing.assert_allclose(graphed[0].arrays[name], eager[0].arrays[name], rtol=1e-9, atol=1e-12)
 
 
-def test_default_graphs_fall_back_to_eager_when_padding_would_be_inexact(env, monkeypatch):
+def test_default_graphs_fall_back_to_eager_when_padding_would_be_inexact(env, monkeypatch, graphs_on_cpu):
     """cuda_graphs=None: an operator whose padded batches would be inexact is rebuilt without graphs
     (one warning); an explicit cuda_graphs=True is not second-guessed here (the operator raises)."""
     import spectra
-    from spectra import analysis
 
     def refuse(self):
         raise ValueError("compile/graphs pad batches to static shapes, which is exact only for ...")
 
-    monkeypatch.setattr(analysis, "_graphs_supported", lambda device: True)
     monkeypatch.setattr(spectra.HessianOperator, "check_static_shapes", refuse)
-    monkeypatch.setitem(analysis._GRAPHED, "operator", None)
     opts = DataOptions(root=str(env["root"]), device="cpu", batch_size=4)
     eager = analyse_checkpoint(env["run"][-1], "3", dataclasses.replace(FAST, cuda_graphs=False), opts)
     assert FAST.cuda_graphs is None
