@@ -318,14 +318,15 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
     """The Hessian operator of one class (sharing captured products with the previous class)."""
     batches = spectra.as_batches(data.inputs, data.targets, batch_size)
     graphs = uses_cuda_graphs(settings, device)
+    arch = _architecture(checkpoint)
     key = (settings.loss, tuple(sorted(_loss_parameters(settings.loss, checkpoint).items())),
            tuple(class_counts or ()), settings.dtype, settings.params, str(device),
-           settings.hvp_method, cache_data, distributed, batch_size, _architecture(checkpoint))
+           settings.hvp_method, cache_data, distributed, batch_size, arch)
     last = _GRAPHED.get("operator")
     if graphs and last is not None and _GRAPHED["key"] == key:
         if _GRAPHED["model"]() is checkpoint.model:
             return last.with_data(batches)
-        if _architecture(checkpoint) is not None and last.owns_weights:
+        if arch is not None and last.owns_weights:
             try:  # the next checkpoint of the same architecture: its weights into the captured products
                 last.load_weights(checkpoint.model)
             except ValueError:
