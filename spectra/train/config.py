@@ -61,10 +61,12 @@ class TrainConfig:
     rho: float = 0.05
     sam_adaptive: bool = False
     sam_bn: str = "update"  # update: BN statistics updated in both passes (reference); freeze: first pass only
-    # PGD (Jin et al. 2017): w += r · z/||z|| when ||g|| <= threshold and >= interval steps since the last
+    # PGD (Jin et al. 2017): w += r · z/||z|| when ||g|| <= threshold and >= interval steps since the last.
+    # At most one perturbation per 100 steps: at lr <= 1e-3 nothing pulls them back, and every step's
+    # would add up to a jump of norm ~22 in the last 20 epochs (-5 points, tail -13; docs/training.md)
     pgd_radius: float = 0.5
-    pgd_grad_threshold: float | None = None  # None: every step is eligible (mini-batch gradients never vanish)
-    pgd_interval: int = 1
+    pgd_grad_threshold: float | None = None  # None: no gradient test (mini-batch gradients never vanish)
+    pgd_interval: int = 100
     # LPF-SGD (Bisla et al. 2022, as their code): the batch split into M parts, part m's gradient at w + eps_m,
     # eps ~ N(0, (sigma·||row||)^2) per filter row (per tensor for vectors); their CIFAR setting M 1, sigma 0.002
     lpf_samples: int = 1

@@ -10,7 +10,7 @@ from cifar_format_fixture import write_cifar10, write_cifar100
 from spectra.models import build_model
 from spectra.train import METHODS, fit, load_training_checkpoint, model_from_checkpoint, resolve_config
 
-TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0, lpf_samples=2)
+TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0, lpf_samples=2, pgd_interval=2)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,11 @@ def test_resume_ends_with_the_same_weights(method, last_batch, cifar10_root, tmp
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert all(0 <= json.loads(line)["train_acc"] <= 100 for line in lines)
-    assert load_training_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 3
+    last = load_training_checkpoint(tmp_path / "split" / "last.pt")
+    assert last["epoch"] == 3
+    if method.endswith("pgd"):  # the step counter crosses the resume: perturbations at steps 3, 5, ... of 6
+        steps = 3 * -(-sum(last["class_counts"]) // TINY["batch_size"])
+        assert last["train_state"]["pgd_count"].item() == (steps - 1) // TINY["pgd_interval"] == 2
 
 
 def test_resume_without_a_checkpoint_starts_over_without_stale_lines(cifar10_root, tmp_path):
