@@ -32,6 +32,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402
+
 # (method, paper overall acc, paper tail acc): CIFAR-10-LT, ratio 100, mean over seeds
 PAPER = [
     ("ce", 71.7, 52.3),
@@ -56,11 +59,11 @@ def command(method: str, args: argparse.Namespace, out: Path) -> list[str]:
         cmd += ["--compile", args.compile]
     if args.amp:
         cmd += ["--amp", args.amp]
-    if args.max_train_samples:
+    if args.max_train_samples is not None:
         cmd += ["--max-train-samples", str(args.max_train_samples)]
-    if args.max_test_samples:
+    if args.max_test_samples is not None:
         cmd += ["--max-test-samples", str(args.max_test_samples)]
-    if args.time_budget_s:
+    if args.time_budget_s is not None:
         cmd += ["--time-limit-s", str(max(1.0, args.time_budget_s - MARGIN_S))]
     for item in args.set:
         cmd += ["--set", item]
@@ -78,7 +81,7 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
             m, "cifar10-lt", data_root=args.data_root, epochs=args.epochs, seed=args.seed, device=args.device,
             progress=False, eval_every=args.eval_every, save_every=args.save_every,
             max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples,
-            time_limit_s=max(1.0, args.time_budget_s - MARGIN_S) if args.time_budget_s else None,
+            time_limit_s=max(1.0, args.time_budget_s - MARGIN_S) if args.time_budget_s is not None else None,
             **({"compile": args.compile} if args.compile else {}), **({"amp": args.amp} if args.amp else {}), **overrides,
         ))
     return configs
@@ -250,29 +253,44 @@ def table(methods: list[str], status: dict[str, dict], args: argparse.Namespace)
     return rows, "\n".join(lines)
 
 
+def check_runs(p: argparse.ArgumentParser, methods: list[str], args: argparse.Namespace) -> None:
+    """Refuse an empty or unknown method list and any setting a run would refuse, before anything starts."""
+    from spectra.train import METHODS
+
+    if not methods:
+        p.error("--methods lists no method")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    try:
+        build_configs(methods, args)
+    except ValueError as exc:
+        p.error(str(exc).splitlines()[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--parallel", type=int, default=8, help="concurrent training processes (processes mode)")
+    p.add_argument("--epochs", type=positive(int), default=200)
+    p.add_argument("--parallel", type=positive(int), default=8, help="concurrent training processes (processes mode)")
     p.add_argument("--mode", choices=["auto", "streams", "ensemble", "processes"], default="auto",
                    help="streams: all runs in one process, one CUDA stream each (kernels overlap; default on CUDA); "
                         "ensemble: compatible runs as one vectorised step per group (4 groups for the table), groups on streams; "
                         "processes: one 'spectra train' process per run (default on CPU; fallback if an in-process mode fails)")
-    p.add_argument("--time-budget-s", type=float, default=None, help="stop every run cleanly before this many seconds")
+    p.add_argument("--time-budget-s", type=positive(float), default=None, help="stop every run cleanly before this many seconds")
     p.add_argument("--methods", default=",".join(m for m, _, _ in PAPER), help="comma list (add ce-drw-pgd,ce-drw-lpf for the baselines)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", default=None, help="passed to spectra train --compile (default: auto)")
     p.add_argument("--amp", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=10)
-    p.add_argument("--max-train-samples", type=int, default=None, help="dry runs: train on about N images")
-    p.add_argument("--max-test-samples", type=int, default=None, help="dry runs: evaluate on about N images")
+    p.add_argument("--eval-every", type=positive(int), default=1)
+    p.add_argument("--save-every", type=positive(int), default=10)
+    p.add_argument("--max-train-samples", type=positive(int), default=None, help="dry runs: train on about N images")
+    p.add_argument("--max-test-samples", type=positive(int), default=None, help="dry runs: evaluate on about N images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out")
-    p.add_argument("--stall-s", type=float, default=90.0,
+    p.add_argument("--stall-s", type=positive(float), default=90.0,
                    help="in-process modes: kill the run and fall back to processes after this long without output")
     p.add_argument("--in-process-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -280,6 +298,7 @@ def main() -> None:
     if args.in_process_child:  # started by run_watched: train, and let the parent report
         run_in_process(methods, args, args.mode)
         return
+    check_runs(p, methods, args)
     refuse_existing_runs(methods, args)
     mode = args.mode
     if mode == "auto":

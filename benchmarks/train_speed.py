@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,12 @@ import numpy as np
 import torch
 
 from spectra.datasets import lt_class_counts
-from spectra.train import Ensemble, Trainer, TrainConfig, resolve_config
+from spectra.train import METHODS, Ensemble, Trainer, TrainConfig, resolve_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import non_negative, positive  # noqa: E402
+
+COMPILE_MODES = ("off", "graphs", "inductor", "max")
 
 
 def write_synthetic_cifar10(root: Path, seed: int = 0) -> None:
@@ -122,22 +128,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=None, help="folder with cifar-10-batches-py (default: synthetic data)")
-    parser.add_argument("--method", default="ce-drw-sam")
+    parser.add_argument("--method", default="ce-drw-sam", choices=METHODS)
     parser.add_argument("--modes", default=None, help="comma list of off,graphs,inductor,max (default: off,graphs on CUDA; off on CPU)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode (median reported)")
-    parser.add_argument("--steps", type=int, default=None, help="time only the first N steps of each epoch (CPU)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=positive(int), default=2, help="timed epochs per mode (median reported)")
+    parser.add_argument("--steps", type=positive(int), default=None, help="time only the first N steps of each epoch (CPU)")
+    parser.add_argument("--batch-size", type=positive(int), default=128)
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--concurrent", type=int, default=0, help="also time N runs in lockstep on N CUDA streams (fit_many)")
+    parser.add_argument("--concurrent", type=non_negative(int), default=0, help="also time N runs in lockstep on N CUDA streams (fit_many)")
     parser.add_argument("--concurrent-mode", default="auto", help="--compile mode of the concurrent runs and the ensemble")
-    parser.add_argument("--ensemble", type=int, default=0, help="also time N runs as one vectorised ensemble (fit_ensemble)")
+    parser.add_argument("--ensemble", type=non_negative(int), default=0, help="also time N runs as one vectorised ensemble (fit_ensemble)")
     parser.add_argument("--arch", default="resnet32", help="architecture (resnet8: quick CPU comparisons)")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="train on the first N images (quick CPU comparisons)")
+    parser.add_argument("--max-train-samples", type=positive(int), default=None, help="train on the first N images (quick CPU comparisons)")
     args = parser.parse_args()
     if args.device == "cpu" and args.steps is None:
         args.steps = 5
     modes = args.modes.split(",") if args.modes else (["off", "graphs"] if args.device.startswith("cuda") else ["off"])
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(COMPILE_MODES)}")
+    try:
+        report(args, modes)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise SystemExit(f"train_speed.py: error: {str(exc).splitlines()[0]}") from None
+
+
+def report(args: argparse.Namespace, modes: list[str]) -> None:
+    """Print the speed of each mode (and of concurrent runs / an ensemble when asked)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_root
         if root is None:

@@ -52,3 +52,35 @@ def test_existing_run_files_are_refused_without_resume(table, tmp_path):
         table.refuse_existing_runs(["vs", "ce"], args)
     table.refuse_existing_runs(["vs"], args)
     table.refuse_existing_runs(["ce"], argparse.Namespace(out=str(tmp_path), resume=True))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", ""], "--methods lists no method"),
+    (["--methods", "ce,bogus"], "unknown method(s) bogus"),
+    (["--parallel", "0"], "--parallel: must be a finite number > 0"),  # hung before: no run ever started
+    (["--max-train-samples", "0"], "--max-train-samples: must be a finite number > 0"),  # was dropped: full data
+    (["--time-budget-s", "nan"], "--time-budget-s: must be a finite number > 0"),
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--set", "rho=abc"], "rho=abc"),
+])
+def test_bad_arguments_are_refused_before_any_run_starts(table, tmp_path, monkeypatch, capsys, argv, message):
+    out = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["reproduce_cifar10lt.py", "--data-root", str(tmp_path), "--out", str(out),
+                                      "--device", "cpu", *argv])
+    with pytest.raises(SystemExit) as exc:
+        table.main()
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_child_command_keeps_every_given_limit(table):
+    import argparse
+    from pathlib import Path
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        table.positive(float)("0")
+    args = argparse.Namespace(data_root="D", epochs=1, seed=0, device="cpu", eval_every=1, save_every=1, compile=None,
+                              amp=None, max_train_samples=5, max_test_samples=None, time_budget_s=30.0, set=[])
+    cmd = table.command("ce", args, Path("x"))
+    assert cmd[cmd.index("--max-train-samples") + 1] == "5" and cmd[cmd.index("--time-limit-s") + 1] == "5.0"
+    assert "--max-test-samples" not in cmd
