@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402
 from bn_running_stats import reestimate_statistics  # noqa: E402
 
 from spectra.datasets import DatasetSpec, load_dataset  # noqa: E402
@@ -112,16 +113,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a spectra train checkpoint (with optimizer state for --variant: last.pt)")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--jumps", type=float, nargs="*", default=[], metavar="R", help="norms of single isotropic jumps")
-    p.add_argument("--draws", type=int, default=3, help="directions per jump norm")
-    p.add_argument("--bn-batches", type=int, default=30, help="training batches that re-estimate BatchNorm statistics")
+    p.add_argument("--jumps", type=positive(float), nargs="*", default=[], metavar="R", help="norms of single isotropic jumps")
+    p.add_argument("--draws", type=positive(int), default=3, help="directions per jump norm")
+    p.add_argument("--bn-batches", type=positive(int), default=30, help="training batches that re-estimate BatchNorm statistics")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="a PGD setting to continue training with (repeatable); plain SGD runs first")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain SGD continuation")
-    p.add_argument("--at", type=int, default=170, help="1-indexed epoch whose learning rate / class weights are used")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--at", type=positive(int), default=170, help="1-indexed epoch whose learning rate / class weights are used")
+    p.add_argument("--epochs", type=positive(int), default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-test-samples", type=int, default=None, help="a class-stratified part of the test set")
+    p.add_argument("--max-test-samples", type=positive(int), default=None, help="a class-stratified part of the test set")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args()
     if not args.jumps and not args.variant:
