@@ -65,24 +65,24 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     Example: spectra train --method ce-drw-sam --dataset cifar10-lt --data-root DIR --out runs/ce-drw-sam
     """
     from spectra.store import StoreError
-    from spectra.train.trainer import existing_run_files, fit
+    from spectra.train.trainer import check_out_dir_is_free, fit
 
     options.update(data_root=str(Path(data_root).expanduser()) if data_root is not None else None, progress=progress)
+    out = Path(out_dir)
     try:
         config = resolve_config(method, dataset, **_settings(click.get_current_context(), options, overrides))
+        if not resume:  # before a download; fit checks it again (the library's own guard)
+            check_out_dir_is_free(out)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    out = Path(out_dir)
-    found = [] if resume else existing_run_files(out)
-    if found:
-        raise click.ClickException(f"{out} already holds a run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); "
-                                   "pass --resume to continue it or choose another --out")
     try:
         if download and _rank_zero():  # the others wait for it in the group's rendezvous
             download_cifar(dataset, config.data_root)
         with sd.distributed_session(device=None if config.device == "auto" else config.device) as ctx:
             result = fit(config, out, resume=resume, log=lambda msg: click.echo(msg, err=True))
-    except (ValueError, FileNotFoundError, RuntimeError, StoreError) as exc:
+    # ValueError covers bad settings and unreadable data or checkpoint files (the message names the file);
+    # OSError: an --out under a regular file, no permission, a full disk.
+    except (ValueError, OSError, RuntimeError, StoreError) as exc:
         if not _rank_zero():
             raise SystemExit(1) from None  # rank 0 reports it
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

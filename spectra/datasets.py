@@ -45,6 +45,7 @@ __all__ = [
     "CIFAR_ARCHIVES",
     "lt_class_counts",
     "lt_indices",
+    "largest_imbalance_ratio",
     "read_cifar",
     "DatasetSpec",
     "LoadedDataset",
@@ -157,13 +158,43 @@ def _missing(name: str, path: Path) -> FileNotFoundError:
     )
 
 
-def _unpickle(path: Path, name: str) -> dict[str, Any]:
+def _not_cifar(path: Path, why: str = "truncated or corrupt?") -> ValueError:
+    return ValueError(f"{path} is not a CIFAR batch file ({why})")
+
+
+def _unpickle(path: Path, name: str, required: Sequence[str] = ()) -> dict[str, Any]:
+    """The dict pickled in ``path`` with str keys; ``ValueError`` naming the
+    file when it is not a pickled dict holding the ``required`` keys."""
     if not path.is_file():
         raise _missing(name, path)
-    with open(path, "rb") as fh:
-        raw = pickle.load(fh, encoding="bytes")
+    try:
+        with open(path, "rb") as fh:
+            raw = pickle.load(fh, encoding="bytes")
+    except OSError:
+        raise
+    except Exception:  # UnpicklingError, EOFError, ValueError, ...: whatever a damaged pickle raises
+        raise _not_cifar(path) from None
+    if not isinstance(raw, dict):
+        raise _not_cifar(path, f"it holds a {type(raw).__name__}, not a dict")
     # The official files have bytes keys, re-encoded copies may have str keys.
-    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    part = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    absent = [key for key in required if key not in part]
+    if absent:
+        raise _not_cifar(path, f"no {', '.join(repr(k) for k in absent)} entr{'ies' if len(absent) > 1 else 'y'}")
+    return part
+
+
+def _images_and_labels(part: dict[str, Any], label_key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images (N, 32, 32, 3) and labels (N,); ``ValueError`` naming
+    the file when the rows are not 3072 bytes or the counts differ."""
+    try:
+        images = _to_nhwc(part["data"])
+        labels = np.asarray(part[label_key], dtype=np.int64).reshape(-1)
+    except (ValueError, TypeError):
+        raise _not_cifar(path, "its data is not rows of 3072 bytes with integer labels") from None
+    if len(images) != len(labels):
+        raise _not_cifar(path, f"{len(images)} images but {len(labels)} labels")
+    return images, labels
 
 
 def _decode_names(names: Sequence[Any]) -> list[str]:
@@ -185,6 +216,8 @@ def read_cifar(
     Returns ``(images uint8 (N, 32, 32, 3), labels int64 (N,), class_names)``
     in the file order (the official order for the original files).
     ``root`` may contain ``cifar-10-batches-py`` / ``cifar-100-python`` or be it.
+    A missing folder or file raises ``FileNotFoundError``; a file that is not a
+    CIFAR pickle (truncated, corrupt, foreign) raises ``ValueError`` naming it.
     """
     if name not in CIFAR_ARCHIVES:
         raise ValueError(f"unknown CIFAR name {name!r}; expected 'cifar10' or 'cifar100'")
@@ -195,17 +228,16 @@ def read_cifar(
         raise _missing(name, folder)
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        parts = [_unpickle(folder / f, name) for f in files]
-        images = np.concatenate([_to_nhwc(p["data"]) for p in parts])
-        labels = np.concatenate([np.asarray(p["labels"], dtype=np.int64) for p in parts])
-        meta_path = folder / "batches.meta"
-        names = _decode_names(_unpickle(meta_path, name)["label_names"]) if meta_path.is_file() else list(CIFAR10_CLASSES)
+        label_key, meta_path, names_key = "labels", folder / "batches.meta", "label_names"
+        default_names = list(CIFAR10_CLASSES)
     else:
-        part = _unpickle(folder / split, name)
-        images = _to_nhwc(part["data"])
-        labels = np.asarray(part["fine_labels"], dtype=np.int64)
-        meta_path = folder / "meta"
-        names = _decode_names(_unpickle(meta_path, name)["fine_label_names"]) if meta_path.is_file() else [str(i) for i in range(100)]
+        files = [split]
+        label_key, meta_path, names_key = "fine_labels", folder / "meta", "fine_label_names"
+        default_names = [str(i) for i in range(100)]
+    parts = [_images_and_labels(_unpickle(folder / f, name, ("data", label_key)), label_key, folder / f) for f in files]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    names = _decode_names(_unpickle(meta_path, name, (names_key,))[names_key]) if meta_path.is_file() else default_names
     return images, labels, names
 
 
@@ -287,8 +319,14 @@ class LoadedDataset:
         return int(self.labels.shape[0])
 
 
-def load_dataset(spec: DatasetSpec) -> LoadedDataset:
-    """Load the split described by ``spec`` (reads the pickles once)."""
+def load_dataset(spec: DatasetSpec, every_class: bool = False) -> LoadedDataset:
+    """Load the split described by ``spec`` (reads the pickles once).
+
+    ``every_class``: raise ``ValueError`` when the long-tailed selection leaves
+    a class without images (an imbalance ratio above ``n_max``, the image count
+    of the largest class) instead of returning an empty class (training needs
+    every class; analysis skips an empty one).
+    """
     root = spec.root if spec.root is not None else default_data_root()
     images, labels, names = read_cifar(root, spec.base, spec.split)  # type: ignore[arg-type]
     num_classes = len(names)
@@ -296,6 +334,8 @@ def load_dataset(spec: DatasetSpec) -> LoadedDataset:
         # The smallest class bounds n_max (class 0 gets n_max); equal to len/C on the official sets.
         n_max = int(np.bincount(labels, minlength=num_classes).min())
         counts = lt_class_counts(num_classes, n_max, spec.imbalance_ratio, spec.profile)  # type: ignore[arg-type]
+        if every_class and 0 in counts:
+            raise ValueError(_empty_class_message(spec, counts, n_max))
         idx = lt_indices(labels, counts, seed=spec.seed)
     else:
         idx = np.arange(len(labels), dtype=np.int64)
@@ -310,6 +350,29 @@ def load_dataset(spec: DatasetSpec) -> LoadedDataset:
         class_counts=np.bincount(sel_labels, minlength=num_classes).astype(int).tolist(),
         spec=spec,
     )
+
+
+def largest_imbalance_ratio(n_max: int) -> float:
+    """The largest imbalance ratio whose long-tailed counts (either profile)
+    give every class at least one of ``n_max`` images: the rarest class gets
+    ``int(n_max / ratio)``, so about ``n_max`` (one below it in floating point
+    when ``n_max · (1/n_max)`` rounds under 1, e.g. 49). 0 when ``n_max`` is 0."""
+    if n_max < 1:
+        return 0.0
+    ratio = float(n_max)
+    while int(n_max * (1.0 / ratio)) < 1:
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
+
+
+def _empty_class_message(spec: DatasetSpec, counts: Sequence[int], n_max: int) -> str:
+    empty = counts.index(0)
+    if n_max < 1:
+        return f"{spec.name} has no {spec.split} images of class {empty}"
+    largest = largest_imbalance_ratio(n_max)
+    shown = f"{largest:.0f}" if largest.is_integer() else repr(largest)
+    return (f"the imbalance ratio {spec.imbalance_ratio:g} leaves class {empty} of {spec.name} without training images "
+            f"(n_max {n_max}: the rarest class gets int(n_max/ratio)); the largest allowed is {shown}")
 
 
 def _stratified_prefix(idx: np.ndarray, labels: np.ndarray, num_classes: int, n: int) -> np.ndarray:

@@ -91,6 +91,60 @@ def test_missing_files_error_is_helpful(tmp_path):
     assert "--data-root" in msg and "SPECTRA_DATA_ROOT" in msg and "--download" in msg and "\n" not in msg
 
 
+def _rewrite_batch(path, kind):
+    """Damage a CIFAR batch file the ways a user's copy can be damaged."""
+    import pickle
+
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == "garbage":
+        path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    elif kind == "foreign dict":
+        path.write_bytes(pickle.dumps({"foo": 1}))
+    elif kind == "not a dict":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    elif kind == "short rows":
+        path.write_bytes(pickle.dumps({"data": np.zeros((2, 3000), np.uint8), "labels": [0, 1]}))
+    elif kind == "label count":
+        path.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "foreign dict", "not a dict", "short rows", "label count"])
+def test_a_damaged_batch_file_is_a_value_error_naming_it(tmp_path, kind):
+    folder = write_cifar10(tmp_path, train_per_class=2, test_per_class=1)
+    _rewrite_batch(folder / "data_batch_5", kind)
+    with pytest.raises(ValueError) as err:
+        read_cifar(tmp_path, "cifar10", "train")
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'data_batch_5'} is not a CIFAR batch file (") and "\n" not in message
+
+
+def test_a_damaged_meta_file_is_a_value_error_naming_it(tmp_path):
+    folder = write_cifar10(tmp_path, train_per_class=2, test_per_class=1)
+    _rewrite_batch(folder / "batches.meta", "foreign dict")
+    with pytest.raises(ValueError, match="batches.meta is not a CIFAR batch file .no 'label_names' entry"):
+        read_cifar(tmp_path, "cifar10", "test")
+
+
+@pytest.mark.parametrize("n_max", [1, 12, 49, 500, 5000])
+def test_largest_imbalance_ratio_is_the_last_that_keeps_every_class(n_max):
+    largest = ds.largest_imbalance_ratio(n_max)
+    above = np.nextafter(largest, np.inf)
+    for profile in ("exp", "step"):
+        assert min(lt_class_counts(10, n_max, largest, profile)) == 1
+        assert min(lt_class_counts(10, n_max, above, profile)) == 0
+    assert ds.largest_imbalance_ratio(0) == 0.0
+
+
+def test_load_dataset_every_class_refuses_a_ratio_that_empties_a_class(tmp_path):
+    write_cifar10(tmp_path, train_per_class=12, test_per_class=1)
+    spec = DatasetSpec("cifar10-lt", str(tmp_path), imbalance_ratio=13)
+    with pytest.raises(ValueError, match=r"imbalance ratio 13 leaves class 9 of cifar10-lt without training images .*largest allowed is 12$"):
+        load_dataset(spec, every_class=True)
+    assert load_dataset(spec).class_counts[-1] == 0  # analysis reports the empty class itself
+    assert min(load_dataset(DatasetSpec("cifar10-lt", str(tmp_path), imbalance_ratio=12), every_class=True).class_counts) == 1
+
+
 def test_dataset_spec_round_trip_and_validation():
     spec = DatasetSpec("cifar100-lt", "/data", imbalance_ratio=50)
     assert DatasetSpec.from_dict(spec.to_dict()) == spec

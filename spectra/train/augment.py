@@ -49,7 +49,8 @@ class EpochBatches:
     ``"short"`` is the reference loader exactly: ``ceil(N/B)`` steps, the last
     one only ``last_size = N − (steps−1)·B`` images long. The tensors of an epoch
     are those of ``"wrap"`` (the same draws); a consumer of ``"short"`` uses the
-    first ``last_size`` rows of the last batch.
+    first ``last_size`` rows of the last batch. A batch larger than the image
+    set is refused (``ValueError``) in every mode.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, device: torch.device, last_batch: str = "wrap", augment: bool = True) -> None:
@@ -61,14 +62,11 @@ class EpochBatches:
         self.seed = seed
         self.device = device
         self.augment = augment
-        if last_batch in ("wrap", "short"):
-            self.steps = max(1, math.ceil(self.n / batch_size))
-        elif last_batch == "drop":
-            self.steps = self.n // batch_size
-            if self.steps == 0:
-                raise ValueError(f"batch size {batch_size} exceeds the {self.n} training images with last_batch='drop'")
-        else:
+        if last_batch not in ("wrap", "drop", "short"):
             raise ValueError(f"last_batch must be 'wrap', 'drop' or 'short', got {last_batch!r}")
+        if batch_size > self.n:  # wrap would repeat images within a batch, drop would leave no step
+            raise ValueError(f"the batch size {batch_size} exceeds the {self.n} training images; use a batch size <= {self.n}")
+        self.steps = self.n // batch_size if last_batch == "drop" else math.ceil(self.n / batch_size)
         full = last_batch != "short" or self.n % batch_size == 0
         self.last_size = batch_size if full else self.n - (self.steps - 1) * batch_size
 

@@ -48,10 +48,21 @@ def checkpoint_name(epoch: int) -> str:
     return f"ckpt_epoch{epoch:04d}.pt"
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file beside it and a rename; the file
+    gets the permissions ``open()`` would give it (0666 less the umask), not
+    mkstemp's owner-only 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             # No fsync: os.replace keeps readers from ever seeing a partial file
@@ -77,8 +88,19 @@ def atomic_torch_save(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def load_training_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a spectra checkpoint (``weights_only=True``)."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    """Load and check a spectra checkpoint (``weights_only=True``).
+
+    A file torch cannot read (truncated, corrupt, not a checkpoint at all)
+    raises ``ValueError`` naming it; a missing or unreadable file raises the
+    ``OSError`` of opening it.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception:  # UnpicklingError, a zip reader's RuntimeError, EOFError, ...: torch's text
+        # may advise weights_only=False, which would run arbitrary code from the file.
+        raise ValueError(f"{path} is not a readable spectra training checkpoint (corrupt?)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a spectra training checkpoint")
     if int(ckpt.get("format_version", 0)) > CHECKPOINT_VERSION:

@@ -112,7 +112,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line message on an impossible setting:
-        a value of the wrong type, a non-finite number, or one out of its range."""
+        a value of the wrong type, a non-finite number, one out of its range, or
+        settings that contradict each other (:meth:`_check_combinations`)."""
         hints = _field_types()
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
@@ -139,7 +140,31 @@ class TrainConfig:
         if self.optimizer == "lpf" and self.batch_size % self.lpf_samples:
             raise ValueError(f"lpf_samples ({self.lpf_samples}) must divide the batch size ({self.batch_size}): "
                              "LPF-SGD splits each batch into that many equal parts")
+        self._check_combinations()
 
+    def _check_combinations(self) -> None:
+        """Settings that are valid alone but would silently do nothing together:
+
+        * DRW with an explicit ``drw_epoch >= epochs`` (the weights switch on
+          after ``drw_epoch`` completed epochs, i.e. never). The default
+          (``None``: 80 % of ``epochs``) is allowed, so 1- and 2-epoch checks of
+          a DRW preset keep the recipe's shape: no re-weighting yet.
+        * An imbalance ratio or profile on a balanced data set (they shape the
+          ``-lt`` train split only): a value other than the default (or ratio 1).
+        """
+        if self.drw and self.drw_epoch is not None and self.drw_epoch >= self.epochs:
+            raise ValueError(f"drw_epoch {self.drw_epoch} >= epochs {self.epochs}: DRW would never switch on "
+                             f"(it starts after drw_epoch completed epochs); use drw_epoch < {self.epochs}")
+        if not self.dataset.endswith("-lt"):
+            if self.imbalance_ratio not in (1.0, _DEFAULTS.imbalance_ratio):
+                raise ValueError(f"imbalance_ratio {self.imbalance_ratio:g} applies to the -lt data sets only "
+                                 f"(cifar10-lt, cifar100-lt); {self.dataset} is balanced")
+            if self.imbalance_profile != _DEFAULTS.imbalance_profile:
+                raise ValueError(f"imbalance_profile {self.imbalance_profile!r} applies to the -lt data sets only "
+                                 f"(cifar10-lt, cifar100-lt); {self.dataset} is balanced")
+
+
+_DEFAULTS = TrainConfig()
 
 # Allowed ranges: name -> (low, low excluded, high, high excluded); None = unbounded.
 # Lists (lr_milestones, lr_factors) are checked element-wise; None values are skipped.
@@ -148,8 +173,11 @@ _RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
         "epochs", "batch_size", "eval_every", "eval_batch_size", "save_every", "lpf_samples", "pgd_interval",
         "max_train_samples", "max_test_samples", "spectra_samples_per_class", "spectra_batch_size",
         "spectra_max_iter", "imbalance_ratio")},
+    # Seeds: numpy's legacy seeding (the long-tail selection) takes [0, 2**32); the per-epoch generators' seeds
+    # (seed · 1000003 + epoch) · 7 + stream must fit in int64.
+    **{name: (0, False, 2 ** 32, True) for name in ("data_seed", "seed")},
     **{name: (0, False, None, False) for name in (
-        "data_seed", "seed", "warmup_epochs", "drw_epoch", "lr_milestones", "lr_factors", "weight_decay", "rho",
+        "warmup_epochs", "drw_epoch", "lr_milestones", "lr_factors", "weight_decay", "rho",
         "pgd_radius", "pgd_grad_threshold", "lpf_sigma", "spectra_every", "vs_gamma", "vs_tau")},
     **{name: (0, True, None, False) for name in ("lr", "time_limit_s", "ldam_max_margin", "ldam_scale")},
     "momentum": (0, False, 1, True),

@@ -32,7 +32,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,7 +63,7 @@ from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
 __all__ = ["Trainer", "FitResult", "TrainingDiverged", "fit", "fit_many", "run_in_lockstep", "capture_step_graph",
-           "resolve_device", "existing_run_files", "gradients_into"]
+           "resolve_device", "existing_run_files", "check_out_dir_is_free", "gradients_into"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -101,6 +100,25 @@ def existing_run_files(out_dir: str | Path) -> list[str]:
         return []
     names = {"last.pt", "metrics.jsonl", "summary.json"}
     return sorted(p.name for p in folder.iterdir() if p.name in names or p.name.startswith("ckpt_") and p.suffix == ".pt")
+
+
+# Run files that an attempt killed before its first checkpoint leaves: they alone do not make a run to resume.
+_PRE_CHECKPOINT_FILES = frozenset({"metrics.jsonl"})
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def check_out_dir_is_free(out_dir: str | Path) -> None:
+    """Raise ``ValueError`` (one line) when ``out_dir`` already holds the files
+    of a run (:func:`existing_run_files`): a new run would overwrite its
+    checkpoints and append a second run to its ``metrics.jsonl``. Collective
+    under torchrun (rank 0's view of the folder decides for every rank)."""
+    found = sd.broadcast_from_writer(existing_run_files(out_dir) if sd.is_writer() else None)
+    if found:
+        raise ValueError(f"{out_dir} already holds a run ({_listed(found)}); "
+                         "pass --resume to continue it or choose another --out")
 
 
 @dataclass
@@ -187,6 +205,8 @@ class Trainer:
         self.dist = self._join_process_group()
         say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.log = say if self.dist.is_writer else (lambda msg: None)
+        if not resume:
+            check_out_dir_is_free(self.out_dir)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self._load_data()
@@ -228,7 +248,7 @@ class Trainer:
     def _load_data(self) -> None:
         c = self.config
         spec = DatasetSpec(c.dataset, c.data_root, "train", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_train_samples)
-        self.train_set: LoadedDataset = load_dataset(spec)
+        self.train_set: LoadedDataset = load_dataset(spec, every_class=True)
         test_spec = DatasetSpec(c.dataset, c.data_root, "test", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_test_samples)
         test = load_dataset(test_spec)
         self.dataset_spec = spec
@@ -276,8 +296,10 @@ class Trainer:
         if mode == "auto":
             return "graphs" if self.device.type == "cuda" else "off"
         if mode in ("graphs", "max") and self.device.type != "cuda":
-            warnings.warn("CUDA graphs need a CUDA device; training eagerly", stacklevel=2)
-            return "inductor" if mode == "max" else "off"
+            fallback = "inductor" if mode == "max" else "off"
+            self.log(f"[{self.config.method}] --compile {mode}: CUDA graphs need a CUDA device; "
+                     f"training {'with torch.compile only' if fallback == 'inductor' else 'eagerly'}")
+            return fallback
         return mode
 
     # --------------------------------------------------------- the step
@@ -510,12 +532,24 @@ class Trainer:
         }
 
     def _resume(self) -> None:
+        """Load ``last.pt`` and continue after its epoch. Without ``last.pt``, start
+        from scratch only when the folder holds no run (at most the log lines of an
+        attempt killed before its first checkpoint); checkpoints or a summary
+        without ``last.pt`` are refused, since starting over would overwrite them."""
         path = self.out_dir / "last.pt"
         if not path.is_file():
+            found = [name for name in existing_run_files(self.out_dir) if name not in _PRE_CHECKPOINT_FILES]
+            if found:
+                raise ValueError(f"--resume: {self.out_dir} holds run files ({_listed(found)}) but no last.pt to resume from; "
+                                 "restore last.pt (or copy the newest ckpt_epochNNNN.pt to it) or choose another --out")
             self.log(f"--resume: no {path}; starting from scratch")
             self._truncate_logs(0)  # lines of an attempt killed before its first checkpoint
             return
         ckpt = load_training_checkpoint(path, map_location="cpu")
+        missing = [key for key in ("config", "epoch", "state_dict", "optimizer", "rng", "train_state") if key not in ckpt]
+        if missing:
+            raise ValueError(f"--resume: {path} has no {', '.join(missing)}; only a checkpoint with optimizer state "
+                             "(last.pt, or a ckpt_epochNNNN.pt saved with snapshot_optimizer=true) resumes a run")
         saved = dict(ckpt["config"])
         mine = self.config.to_dict()
         # Run-control settings may change on resume; the recipe may not.
@@ -539,14 +573,27 @@ class Trainer:
         self.log(f"resumed {self.out_dir} at epoch {ckpt['epoch']}")
 
     def _truncate_logs(self, epoch: int) -> None:
-        """Drop log lines written after the checkpoint we resume from."""
+        """Drop log lines written after the checkpoint we resume from (and a torn
+        last line). A log with nothing to drop is left untouched (same inode and
+        mode), so resuming a finished run changes no file."""
         if not self.dist.is_writer:
             return
         for name in ("metrics.jsonl", "spectra.jsonl"):
             path = self.out_dir / name
-            if path.is_file():
-                lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
-                atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+            if not path.is_file():
+                continue
+            text = path.read_text()
+            kept = [ln for ln, record in _jsonl_records(path, text) if record.get("epoch", 0) <= epoch]
+            new = "".join(ln + "\n" for ln in kept)
+            if new != text:
+                atomic_write_bytes(path, new.encode())
+
+    def _logged_epochs(self, name: str) -> set[int]:
+        """Epochs that have a line in the run's log ``name`` (rank 0)."""
+        path = self.out_dir / name
+        if not path.is_file():
+            return set()
+        return {record.get("epoch") for _, record in _jsonl_records(path, path.read_text())}
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if not self.dist.is_writer:
@@ -572,12 +619,16 @@ class Trainer:
             atomic_write_json(self.out_dir / "config.json", c.to_dict())
         self.prepare()
         self._probe = None
-        if c.spectra_every and not self.already_complete:
+        # A finished run stays as it is; one whose summary is missing was cut short after its last
+        # epoch (maybe inside that epoch's probe), which the probe below may still have to complete.
+        if c.spectra_every and not (self.already_complete and self._stored_summary() is not None):
             from .spectra_probe import RESULTS_FILE, PerClassSpectra
 
             self._probe = PerClassSpectra(self.out_dir / RESULTS_FILE, self.device, c.data_root, c.spectra_samples_per_class,
                                           c.spectra_batch_size, max_iter=c.spectra_max_iter)
             self._probe.check_results_file()  # a foreign or locked results.h5 fails now, not after an epoch
+        self._bar = None
+        self._complete_cut_probe()
         self._t_start = time.perf_counter()
         self._train_seconds, self._train_epochs = 0.0, 0
         self._stopped_early = False
@@ -607,7 +658,7 @@ class Trainer:
             if self.best is None or test["acc"] > self.best["acc"]:
                 self.best = {"epoch": epoch, "acc": test["acc"], "tail_acc": test["tail_acc"]}
             self._append_jsonl("metrics.jsonl", record)
-        probe = self._probe is not None and (epoch % c.spectra_every == 0 or epoch == 1)
+        probe = self._is_probe_epoch(epoch)
         # An epoch the probe analyses keeps its checkpoint: the results entries name that file.
         keep = epoch == 1 or epoch % c.save_every == 0 or final or over_time or probe
         if self.dist.is_writer:
@@ -617,9 +668,8 @@ class Trainer:
                 snapshot = ckpt if c.snapshot_optimizer else {k: v for k, v in ckpt.items() if k != "optimizer"}
                 atomic_torch_save(self.out_dir / checkpoint_name(epoch), snapshot)
             atomic_torch_save(self.out_dir / "last.pt", ckpt)
-        if probe:
-            records = self._probe(self._saved_checkpoint(epoch), on_class=self._probe_progress(epoch))
-            self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe.summary(records)})
+        if probe:  # after last.pt: a kill in here is completed on resume (_complete_cut_probe)
+            self._run_probe(epoch)
         if self.dist.is_writer:
             self._report(self._bar, record)
         self.epoch += 1
@@ -627,6 +677,37 @@ class Trainer:
             self._stopped_early = True
             self.log(f"[{c.method}] time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
         self.done = final or over_time
+
+    def _is_probe_epoch(self, epoch: int) -> bool:
+        """The spectra probe analyses the checkpoint of ``epoch`` (every ``spectra_every``-th and the first)."""
+        return self._probe is not None and (epoch % self.config.spectra_every == 0 or epoch == 1)
+
+    def _run_probe(self, epoch: int) -> None:
+        """Per-class spectra of the checkpoint of ``epoch`` into results.h5, then its spectra.jsonl line."""
+        records = self._probe(self._saved_checkpoint(epoch), on_class=self._probe_progress(epoch))
+        self._append_jsonl("spectra.jsonl", {"epoch": epoch, **self._probe.summary(records)})
+
+    def _complete_cut_probe(self) -> None:
+        """Redo the probe of the epoch resumed from when it did not finish.
+
+        ``last.pt`` is saved before the probe runs, so a kill inside the probe
+        leaves that epoch's checkpoint file but no spectra.jsonl line. The
+        in-memory model is that checkpoint's, and the probe comes at the same
+        point of the run as without the kill. Classes it stored already are
+        analysed again and replace their entries (results.h5 keys an entry by
+        checkpoint, class and settings), so nothing is duplicated.
+        """
+        epoch = self.start_epoch - 1
+        if epoch < 1 or not self._is_probe_epoch(epoch):
+            return
+        cut = None
+        if self.dist.is_writer:
+            cut = (self.out_dir / checkpoint_name(epoch)).is_file() and epoch not in self._logged_epochs("spectra.jsonl")
+        if not sd.broadcast_from_writer(cut):
+            return
+        self.log(f"[{self.config.method}] the spectra probe of epoch {epoch} did not finish (no line in spectra.jsonl); "
+                 "running it again")
+        self._run_probe(epoch)
 
     def _check_finite(self, stats: dict[str, float]) -> None:
         """Stop with :class:`TrainingDiverged` when the epoch's loss or weights are
@@ -641,7 +722,16 @@ class Trainer:
         kept = (f"last.pt (epoch {self.epoch - 1}) and the earlier checkpoints kept in {self.out_dir}" if self.epoch > 1
                 else "no checkpoint written")
         raise TrainingDiverged(f"[{self.config.method}] {what} in epoch {self.epoch} (lr {self.current_lr:g}); "
-                               f"training stopped, {kept}; try a smaller --lr")
+                               f"training stopped, {kept}; {self._divergence_advice()}")
+
+    def _divergence_advice(self) -> str:
+        """What to try after a divergence: the lr, and the noise scale of a perturbing optimizer."""
+        c = self.config
+        if c.optimizer == "pgd":
+            return f"try a smaller --lr or pgd_radius (now {c.pgd_radius:g}; --set pgd_radius=...)"
+        if c.optimizer == "lpf":
+            return f"try a smaller --lr or lpf_sigma (now {c.lpf_sigma:g}; --set lpf_sigma=...)"
+        return "try a smaller --lr"
 
     def _probe_progress(self, epoch: int) -> Callable[[Any], None]:
         """Per-class progress of the spectra probe: the bar's postfix, or one log line per class."""
@@ -739,6 +829,28 @@ class Trainer:
             "images_per_s": (self.batches.images_per_epoch / per_epoch) if per_epoch else None,
             "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
         }
+
+
+def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` for each non-empty line of the JSON-lines ``text`` read
+    from ``path``. An unparsable last line without its newline is a write cut
+    short by a kill and is skipped; any other bad line raises ``ValueError``
+    naming the file and the line."""
+    lines = text.splitlines()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                continue
+            raise ValueError(f"{path} line {number} is not a JSON record ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number} is not a JSON object")
+        out.append((line, record))
+    return out
 
 
 def run_in_lockstep(runners: list[Any], device: torch.device) -> list[Any]:

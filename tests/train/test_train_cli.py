@@ -202,3 +202,67 @@ def test_demo_too_few_epochs_is_explained_in_the_demo_terms(epochs, tmp_path):
     res = CliRunner().invoke(demo, ["--quick", "--epochs", epochs, "--out", str(tmp_path / "o")])
     one_line_error(res, "the demo needs --epochs >= 2", f"got --epochs {epochs}")
     assert not Path(tmp_path / "o").exists()
+
+
+# ---------------------------------------------- damaged inputs, OS errors
+@pytest.mark.parametrize("damage", [b"", b"\xd6garbage", "truncated"])
+def test_a_damaged_cifar_file_is_a_one_line_error_naming_it(damage, tmp_path):
+    folder = write_cifar10(tmp_path / "data", train_per_class=12, test_per_class=4)
+    batch = folder / "data_batch_5"
+    batch.write_bytes(batch.read_bytes()[:1000] if damage == "truncated" else damage)
+    res = run_train(tmp_path / "data", tmp_path / "run", "--epochs", "1")
+    one_line_error(res, f"{batch} is not a CIFAR batch file (truncated or corrupt?)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_last_pt_is_a_one_line_error_without_torch_advice(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_text("garbage\n")
+    res = run_train(cifar10_root, out, "--epochs", "1", "--resume")
+    one_line_error(res, f"{out / 'last.pt'} is not a readable spectra training checkpoint (corrupt?)")
+    assert "weights_only" not in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+
+
+def test_an_out_folder_under_a_regular_file_is_a_one_line_error(cifar10_root, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    res = run_train(cifar10_root, tmp_path / "file" / "run", "--epochs", "1")
+    one_line_error(res, "Not a directory", str(tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_resume_without_last_pt_but_with_checkpoints_is_a_one_line_error(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(cifar10_root, out, "--epochs", "1").exit_code == 0
+    (out / "last.pt").unlink()
+    metrics = (out / "metrics.jsonl").read_text()
+    res = run_train(cifar10_root, out, "--epochs", "1", "--resume")
+    one_line_error(res, str(out), "ckpt_epoch0001.pt", "no last.pt")
+    assert (out / "metrics.jsonl").read_text() == metrics and not (out / "last.pt").exists()
+
+
+# -------------------------------------- settings that would silently do nothing
+@pytest.mark.parametrize("args, words", [
+    (["--batch-size", "1000"], ["batch size 1000 exceeds the 46 training images"]),
+    (["--batch-size", "1000", "--set", "last_batch=short"], ["batch size 1000 exceeds the 46 training images"]),
+    (["--imbalance-ratio", "10000"], ["imbalance ratio 10000 leaves class", "largest allowed is 12"]),
+    (["--imbalance-ratio", "1e9", "--imbalance-profile", "step"], ["imbalance ratio 1e+09", "largest allowed is 12"]),
+    (["--dataset", "cifar10", "--imbalance-ratio", "50"], ["imbalance_ratio 50 applies to the -lt data sets only"]),
+    (["--method", "ce-drw", "--epochs", "2", "--set", "drw_epoch=50"], ["DRW would never switch on"]),
+    (["--seed", "3000000000000"], ["seed must be >= 0 and < 4294967296"]),
+    (["--set", "data_seed=4294967296"], ["data_seed must be"]),
+])
+def test_settings_that_would_do_nothing_are_one_line_errors(args, words, cifar10_root, tmp_path):
+    defaults = {"--method": "ce", "--epochs": "1", "--batch-size": "32", "--imbalance-ratio": "10"}
+    base = ["--data-root", str(cifar10_root), "--out", str(tmp_path / "run"), "--set", "arch=resnet8", "--no-progress"]
+    base += [x for option, value in defaults.items() if option not in args for x in (option, value)]
+    line = one_line_error(CliRunner().invoke(train, base + args), *words)
+    assert "--lt-seed" not in line
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_diverged_pgd_run_points_at_pgd_radius(cifar10_root, tmp_path):
+    res = CliRunner().invoke(train, ["--method", "ce-drw-pgd", "--data-root", str(cifar10_root), "--out", str(tmp_path / "run"),
+                                     "--epochs", "1", *TINY_ARGS, "--set", "pgd_radius=1e30", "--set", "pgd_interval=1"])
+    one_line_error(res, "try a smaller --lr or pgd_radius (now 1e+30; --set pgd_radius=...)")

@@ -1,4 +1,5 @@
 """Tail and many/medium/few-shot definitions, accuracy summaries, augmentation."""
+import pytest
 import torch
 
 from spectra.datasets import lt_class_counts
@@ -59,3 +60,12 @@ def test_epoch_batches_deterministic_static_and_covering():
     assert (eb.last_size, eb.images_per_epoch) == (16, 64)
     # padding is black (0) as RandomCrop(padding=4): a corner crop shows zero rows
     assert eb.padded[:, :, :4].max() == 0
+
+
+@pytest.mark.parametrize("last_batch", ["wrap", "drop", "short"])
+def test_a_batch_larger_than_the_image_set_is_refused(last_batch):
+    images = torch.zeros(10, 32, 32, 3, dtype=torch.uint8)
+    labels = torch.arange(10)
+    with pytest.raises(ValueError, match=r"^the batch size 11 exceeds the 10 training images; use a batch size <= 10$"):
+        EpochBatches(images, labels, 11, 0, torch.device("cpu"), last_batch=last_batch)
+    assert EpochBatches(images, labels, 10, 0, torch.device("cpu"), last_batch=last_batch).steps == 1

@@ -173,3 +173,106 @@ def test_snapshots_without_optimizer_state_load_for_analysis(cifar10_root, tmp_p
     more = fit(resolve_config("ce-drw-sam", **base), tmp_path / "run", resume=True, log=lambda m: None)
     assert more.summary["epochs_completed"] == 3
     assert "optimizer" in torch.load(tmp_path / "run" / "ckpt_epoch0003.pt", weights_only=True)
+
+
+# ------------------------------------------------- existing runs and resume
+SMALL = dict(TINY, arch="resnet8")
+
+
+@pytest.mark.parametrize("kept", ["ckpt_epoch0001.pt", "summary.json"])
+def test_resume_refuses_run_files_without_last_pt(kept, cifar10_root, tmp_path):
+    """Checkpoints or a summary without last.pt: a run exists; starting over would overwrite it."""
+    run = tmp_path / "run"
+    fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **SMALL), run, log=lambda m: None)
+    for path in run.iterdir():
+        if path.name not in (kept, "metrics.jsonl", "config.json"):
+            path.unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError) as err:
+        fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **SMALL), run, resume=True, log=lambda m: None)
+    message = str(err.value)
+    assert f"{run} holds run files ({kept}" in message and "no last.pt" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_fit_refuses_a_folder_holding_a_run(cifar10_root, tmp_path):
+    """Library fit without resume: the CLI's refusal, nothing of the first run touched."""
+    run = tmp_path / "run"
+    fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **SMALL), run, log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a run \(ckpt_epoch0001.pt, last.pt, metrics.jsonl, \.\.\.\); "
+                                         r"pass --resume to continue it"):
+        fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, lr=0.05, **SMALL), run, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resuming_a_finished_run_changes_no_file(cifar10_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=1, spectra_every=1, spectra_samples_per_class=2,
+                         spectra_max_iter=3, **SMALL)
+    fit(cfg, run, log=lambda m: None)
+
+    def state():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_mode, p.read_bytes()) for p in run.iterdir()}
+
+    before = state()
+    assert {"metrics.jsonl", "spectra.jsonl", "results.h5", "last.pt", "summary.json"} <= set(before)
+    assert fit(cfg, run, resume=True, log=lambda m: None).already_complete
+    assert state() == before
+
+
+def test_resume_names_a_corrupt_metrics_line_and_drops_a_torn_last_line(cifar10_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=1, **SMALL)
+    fit(cfg, run, log=lambda m: None)
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"epoch": 2, "acc"\n' + good)
+    with pytest.raises(ValueError, match=rf"^{metrics} line 2 is not a JSON record \(.*\); fix or remove that line$"):
+        fit(cfg, run, resume=True, log=lambda m: None)
+    metrics.write_text(good + '{"epoch": 2, "ac')  # a kill during the append
+    fit(cfg, run, resume=True, log=lambda m: None)
+    assert metrics.read_text() == good
+
+
+class _Killed(Exception):
+    """Stands for a kill: raised from the log callback in the middle of the spectra probe."""
+
+
+def test_a_kill_inside_the_spectra_probe_is_completed_on_resume(cifar10_root, tmp_path):
+    from collections import Counter
+
+    from spectra.store import read_results
+
+    cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=2, spectra_every=1, spectra_samples_per_class=2,
+                         spectra_max_iter=3, **SMALL)
+    full = fit(cfg, tmp_path / "full", log=lambda m: None)
+    probed: list[str] = []
+
+    def killed_after_two_classes(message: str) -> None:
+        if "spectra class" in message:
+            probed.append(message)
+            if len(probed) == 2:
+                raise _Killed
+
+    run = tmp_path / "run"
+    with pytest.raises(_Killed):
+        fit(cfg, run, log=killed_after_two_classes)
+    assert load_training_checkpoint(run / "last.pt")["epoch"] == 1 and len(read_results(run / "results.h5")) == 2
+    logs: list[str] = []
+    resumed = fit(cfg, run, resume=True, log=logs.append)
+    assert any("spectra probe of epoch 1 did not finish" in m for m in logs), logs
+    lines = [json.loads(line) for line in (run / "spectra.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2] and all(r["classes"] == list(range(10)) for r in lines)
+    entries = Counter((r.epoch, r.class_index) for r in read_results(run / "results.h5"))
+    assert sorted(entries) == [(e, c) for e in (1, 2) for c in range(10)] and set(entries.values()) == {1}
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the probe again at the same point: training unchanged
+
+
+def test_cuda_graphs_on_the_cpu_say_so_in_one_log_line(cifar10_root, tmp_path, recwarn):
+    logs: list[str] = []
+    cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=1, compile="graphs", device="cpu", **SMALL)
+    fit(cfg, tmp_path / "run", log=logs.append)
+    assert "[ce] --compile graphs: CUDA graphs need a CUDA device; training eagerly" in logs
+    assert not [w for w in recwarn if "CUDA graphs" in str(w.message)]

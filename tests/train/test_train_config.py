@@ -1,0 +1,37 @@
+"""TrainConfig.validate's cross-field checks: settings valid alone that would
+silently do nothing together, and the seeds' bounds."""
+import pytest
+
+from spectra.train import TrainConfig, resolve_config
+
+
+@pytest.mark.parametrize("name", ["seed", "data_seed"])
+def test_seeds_are_bounded_to_32_bits_and_named(name):
+    TrainConfig(**{name: 2 ** 32 - 1}).validate()
+    for bad in (2 ** 32, 3_000_000_000_000, -1):
+        with pytest.raises(ValueError, match=rf"^{name} must be >= 0 and < 4294967296; got {bad}$") as err:
+            TrainConfig(**{name: bad}).validate()
+        assert "--lt-seed" not in str(err.value)  # an option of `spectra eigs`, not of `spectra train`
+
+
+def test_an_explicit_drw_epoch_at_or_after_the_end_is_refused():
+    with pytest.raises(ValueError, match=r"^drw_epoch 50 >= epochs 2: DRW would never switch on .*drw_epoch < 2$"):
+        resolve_config("ce-drw", epochs=2, drw_epoch=50)
+    with pytest.raises(ValueError, match="DRW would never switch on"):
+        resolve_config("ce-drw-sam", epochs=3, drw_epoch=3)
+    assert resolve_config("ce-drw", epochs=3, drw_epoch=2).drw_epoch == 2
+    assert resolve_config("ce", epochs=2, drw_epoch=50).drw_epoch == 50  # no DRW in the preset: nothing to switch
+    # the scaled default (80 % of epochs) stays allowed for 1- and 2-epoch checks
+    assert resolve_config("ce-drw", epochs=1).resolved_drw_epoch() == 1
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_imbalance_settings_on_a_balanced_data_set_are_refused(dataset):
+    with pytest.raises(ValueError, match=rf"^imbalance_ratio 50 applies to the -lt data sets only .*; {dataset} is balanced$"):
+        resolve_config("ce", dataset, imbalance_ratio=50.0)
+    with pytest.raises(ValueError, match=r"^imbalance_profile 'step' applies to the -lt data sets only"):
+        resolve_config("ce", dataset, imbalance_profile="step")
+    # the defaults and ratio 1 (balanced) say nothing wrong about a balanced set
+    assert resolve_config("ce", dataset).imbalance_ratio == 100.0
+    assert resolve_config("ce", dataset, imbalance_ratio=1.0).imbalance_ratio == 1.0
+    assert resolve_config("ce", f"{dataset}-lt", imbalance_ratio=50.0, imbalance_profile="step").imbalance_ratio == 50.0
