@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
@@ -57,6 +58,8 @@ def _one_line(exc: BaseException) -> str:
         text = str(exc.args[0])
     elif isinstance(exc, OSError) and exc.strerror and exc.filename and str(exc).startswith("[Errno"):
         text = f"{exc.strerror}: {exc.filename}"
+    elif isinstance(exc, OSError) and exc.filename and str(exc.filename) not in str(exc):
+        text = f"{str(exc).strip() or type(exc).__name__}: {exc.filename}"  # name the file h5py could not read
     else:
         text = str(exc)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -74,13 +77,32 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return _as_click_error(func, *args, **kwargs)
+            with _one_line_warnings():
+                return _as_click_error(func, *args, **kwargs)
         except click.ClickException:
             if _quiet_rank():  # rank 0 hit the same error and reports it
                 raise SystemExit(1) from None
             raise
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show each distinct warning of a command once, as one ``Warning: ...`` line on
+    stderr (e.g. a damaged results entry that readers skip, met by several reads)."""
+    shown: set[str] = set()
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = _one_line(message) if isinstance(message, BaseException) else str(message).strip().split("\n")[0]
+        if text not in shown and not _quiet_rank():
+            shown.add(text)
+            click.echo(f"Warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # dedup is ours: per message, not per code location
+        warnings.showwarning = show
+        yield
 
 
 def _as_click_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import h5py
 
 from spectra import store
 
@@ -40,8 +39,8 @@ def info(results: str, as_json: bool) -> None:
     if as_json:
         emit_json([record_to_json(r) for r in records])
         return
-    with h5py.File(results, "r", locking=False) as f:
-        version, created = f.attrs.get("schema_version"), f.attrs.get("created_utc", "")
+    attrs = store.file_attributes(results)
+    version, created = attrs.get("schema_version"), attrs.get("created_utc", "")
     # Runs by their file-wide label: two checkpoint folders with one name show as seedA/ce-drw, seedB/ce-drw.
     run_label = {run.key: run.label for run in store.list_runs(results)}
     runs = sorted({run_label[r.run_key] for r in records})

@@ -59,7 +59,8 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
 @handle_errors
 def density(results: str, class_spec: str, epochs: tuple[int, ...], run: str | None, output: str) -> None:
     """Spectral density of classes at epochs (log scale), one curve each; with
-    λmin/λmax of the eigs entry of the same run when one class at one epoch is shown."""
+    λmin/λmax when one class at one epoch is shown and an eigs entry of the same
+    Hessian exists (same checkpoint, class, samples, --params, --loss, --dtype)."""
     target = image_path(output)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
@@ -71,17 +72,16 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], run: str | N
     runs = [store.run_of(results, r) for r in records]
     labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"
               for run_, r in zip(runs, records)]
-    extremes = _extremes(results, records[0].class_index, records[0].epoch, runs[0]) if len(records) == 1 else None
+    extremes = _extremes(results, records[0]) if len(records) == 1 else None
     plot_density(records, out=target, extremes=extremes, labels=labels)
     click.echo(f"wrote {target}")
 
 
-def _extremes(results: str, class_index: int, epoch: int, run: store.Run) -> tuple[float, float] | None:
-    """(λmin, λmax) of the same class, epoch and run from an eigs entry, if any."""
-    if run.label not in store.runs(results, kind="eigs"):
-        return None  # e.g. a file of density entries only: the curve alone
-    series = store.eigen_table(results, run=run).get(class_index)
-    if series is None or epoch not in series.epochs.tolist():
-        return None
-    i = series.epochs.tolist().index(epoch)
-    return float(series.lambda_min[i]), float(series.lambda_max[i])
+def _extremes(results: str, record: store.ResultRecord) -> tuple[float, float] | None:
+    """(λmin, λmax) from an eigs entry of the same Hessian as the density ``record``
+    (checkpoint, class, samples, params, loss, dtype: :func:`store.same_hessian_eigs`), if any."""
+    eigs = store.same_hessian_eigs(results, record)
+    if eigs is None:
+        return None  # e.g. a file of density entries only, or eigs of other settings: the curve alone
+    top, bottom = eigs.arrays["top"], eigs.arrays["bottom"]
+    return (float(bottom[0]) if len(bottom) else float("nan")), (float(top[0]) if len(top) else float("nan"))

@@ -39,6 +39,7 @@ import spectra
 from spectra.checkpoints import LoadedCheckpoint, first_line, load_checkpoint
 from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
 from spectra.store import ResultRecord
+from spectra.trace import MIN_PROBES
 
 __all__ = [
     "KINDS",
@@ -102,6 +103,11 @@ class AnalysisSettings:
     = only for a class held in one batch), see
     :class:`~spectra.HessianOperator`, change how products are formed, not
     what they are, and are not hashed.
+
+    Construction refuses (``AnalysisError``, one line) what the CLI refuses:
+    counts below their minimum, ``tol`` outside (0, 1) or NaN, a non-positive
+    or non-finite ``sigma``; for ``kind="eigs"`` a ``max_iter`` below
+    ``top_k + bottom_k``, for ``kind="trace"`` fewer probes than the method needs.
     """
 
     kind: str = "eigs"
@@ -129,8 +135,7 @@ class AnalysisSettings:
             raise AnalysisError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
         if self.dtype not in ("float32", "float64"):
             raise AnalysisError(f"unknown dtype {self.dtype!r}; expected float32 or float64")
-        if self.top_k < 0 or self.bottom_k < 0 or self.top_k + self.bottom_k == 0:
-            raise AnalysisError("ask for at least one eigenvalue (--top-k / --bottom-k)")
+        self._check_numbers()
         if self.cuda_graphs and self.hvp_method == "double-backward":
             raise AnalysisError("CUDA graphs need --hvp forward-over-reverse (or auto)")
         if self.keep_graph and (self.cuda_graphs or self.hvp_method == "forward-over-reverse"):
@@ -138,6 +143,28 @@ class AnalysisSettings:
                                 "and with --hvp auto or double-backward")
         if self.params is not None:
             object.__setattr__(self, "params", tuple(self.params))
+
+    def _check_numbers(self) -> None:
+        """The CLI's ranges, so a bad value fails here, not later inside every job of a sweep."""
+        counts = {"top_k": 0, "bottom_k": 0, "max_iter": 1, "probes": 1, "steps": 1, "trace_probes": 1, "seed": 0}
+        for name, least in counts.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+                raise AnalysisError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.top_k + self.bottom_k == 0:
+            raise AnalysisError("ask for at least one eigenvalue (--top-k / --bottom-k)")
+        if not _finite_number(self.tol) or not 0 < self.tol < 1:
+            raise AnalysisError(f"tol must be a number with 0 < tol < 1, got {self.tol!r}")
+        if self.sigma is not None and (not _finite_number(self.sigma) or self.sigma <= 0):
+            raise AnalysisError(f"sigma must be a positive finite number (or None), got {self.sigma!r}")
+        if self.trace_method not in MIN_PROBES:
+            raise AnalysisError(f"unknown trace method {self.trace_method!r}; expected one of {', '.join(MIN_PROBES)}")
+        if self.kind == "eigs" and self.max_iter < self.top_k + self.bottom_k:
+            raise AnalysisError(f"max_iter {self.max_iter} is fewer than the {self.top_k + self.bottom_k} eigenvalues "
+                                "asked for, which need a Lanczos vector each")
+        if self.kind == "trace" and self.trace_probes < MIN_PROBES[self.trace_method]:
+            raise AnalysisError(f"{self.trace_method} needs at least {MIN_PROBES[self.trace_method]} probes, "
+                                f"got {self.trace_probes}")
 
     def with_kind(self, kind: str) -> "AnalysisSettings":
         return dataclasses.replace(self, kind=kind)
@@ -164,6 +191,10 @@ class AnalysisSettings:
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -359,8 +390,11 @@ def _class_operator(checkpoint: LoadedCheckpoint, data: ClassData, settings: Ana
 def _compute(H: Any, settings: AnalysisSettings, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run the algorithm of ``settings.kind``: result arrays and scalar extras."""
     if settings.kind == "eigs":
+        if settings.top_k + settings.bottom_k > H.dim:
+            raise AnalysisError(f"top-k {settings.top_k} + bottom-k {settings.bottom_k} eigenvalues asked for, but the "
+                                f"Hessian has only {H.dim} (its number of parameters); ask for at most {H.dim}")
         which = "both" if settings.top_k and settings.bottom_k else ("top" if settings.top_k else "bottom")
-        k = max(settings.top_k, settings.bottom_k)
+        k = (settings.top_k, settings.bottom_k) if which == "both" else max(settings.top_k, settings.bottom_k)
         res = spectra.eigenvalues(H, k=k, which=which, tol=settings.tol, max_iter=settings.max_iter,
                                   seed=settings.seed, progress=progress)
         arrays = {

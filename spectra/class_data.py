@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from spectra import datasets as ds
@@ -74,6 +75,15 @@ class DataOptions:
     max_samples: int | None = None
     batch_size: int = 1000
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Refuse counts the CLI refuses (``--max-samples``, ``--batch-size`` >= 1), here, not in every job."""
+        for name in ("max_samples", "batch_size"):
+            value = getattr(self, name)
+            if value is None and name == "max_samples":
+                continue
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise AnalysisError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -277,6 +287,12 @@ def _check_class_range(class_index: int, class_names: Sequence[str]) -> None:
         )
 
 
+def _is_ascii_integer(text: str) -> bool:
+    """'12' or '-1'; not '²' or '٣', which ``str.isdigit`` accepts but ``int`` reads differently or not at all."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
 def resolve_classes(spec: str | int | Iterable[str | int], class_names: Sequence[str]) -> list[int]:
     """Class indices from ``all``, an index, a name, or a comma-separated mix."""
     items: list[str | int]
@@ -293,7 +309,7 @@ def resolve_classes(spec: str | int | Iterable[str | int], class_names: Sequence
     lowered = {n.lower(): i for i, n in enumerate(class_names)}
     out: list[int] = []
     for item in items:
-        if isinstance(item, int) or str(item).lstrip("-").isdigit():
+        if isinstance(item, int) or _is_ascii_integer(str(item)):
             index = int(item)
             _check_class_range(index, class_names)
         elif str(item).lower() in lowered:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -16,10 +17,43 @@ Batch = tuple[Tensor, Tensor]
 DataLike = Union[Dataset, tuple, Iterable[Batch]]
 
 
-def _as_class_set(classes: Union[int, Iterable[int]]) -> list[int]:
-    if isinstance(classes, (int,)) or (isinstance(classes, Tensor) and classes.ndim == 0):
-        return [int(classes)]
-    out = [int(c) for c in classes]
+def _class_index(c: Any) -> int:
+    """An integer class index (int, numpy integer, integer 0-d tensor); anything else is refused."""
+    if isinstance(c, Tensor) and c.ndim == 0 and not c.is_floating_point() and c.dtype != torch.bool:
+        return int(c)
+    if isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_)):
+        return int(c)
+    raise ValueError(f"class_subset takes integer class indices, got {c!r} ({type(c).__name__})")
+
+
+def _named_class(name: str, class_names: Sequence[str] | None) -> int:
+    """A str class: a whole integer ('12') or one of the data's class names (case-insensitive)."""
+    text = name.strip()
+    digits = text[1:] if text.startswith("-") else text
+    if digits.isascii() and digits.isdigit():
+        return int(text)
+    lowered = {str(n).lower(): i for i, n in enumerate(class_names or [])}
+    if text.lower() in lowered:
+        return lowered[text.lower()]
+    known = f"; classes: {', '.join(map(str, class_names))}" if class_names else " (the data has no class names)"
+    raise ValueError(f"unknown class {name!r}: give an integer index or a class name{known}")
+
+
+def _class_names_of(data: Any) -> Sequence[str] | None:
+    """``data.classes`` of a (possibly ``Subset``-wrapped) data set, as torchvision's have."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    names = getattr(data, "classes", None)
+    return names if isinstance(names, (list, tuple)) else None
+
+
+def _as_class_set(classes: Any, class_names: Sequence[str] | None = None) -> list[int]:
+    """Class indices from an int, a str (a whole integer or a class name) or an iterable of ints."""
+    if isinstance(classes, str):
+        return [_named_class(classes, class_names)]
+    if not isinstance(classes, Iterable) or (isinstance(classes, Tensor) and classes.ndim == 0):
+        return [_class_index(classes)]
+    out = [_class_index(c) for c in classes]
     if not out:
         raise ValueError("class_subset needs at least one class")
     return out
@@ -47,8 +81,12 @@ def dataset_targets(dataset: Dataset) -> Tensor:
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
 
 
-def class_subset(data: DataLike, classes: Union[int, Iterable[int]]) -> Any:
+def class_subset(data: DataLike, classes: Union[int, str, Iterable[int]]) -> Any:
     """Restrict ``data`` to the samples whose target is in ``classes``.
+
+    ``classes``: an int, an iterable of ints, or a str that is one whole class:
+    an integer (``"12"`` is class 12, not classes 1 and 2) or a name from the
+    data's ``classes`` attribute. Floats and other types raise ``ValueError``.
 
     - ``(inputs, targets)`` tensors -> filtered ``(inputs, targets)`` tensors;
     - a map-style ``Dataset`` -> ``torch.utils.data.Subset`` (targets read from
@@ -58,7 +96,7 @@ def class_subset(data: DataLike, classes: Union[int, Iterable[int]]) -> Any:
 
     Raises ``ValueError`` when no sample of the requested classes is present.
     """
-    wanted = _as_class_set(classes)
+    wanted = _as_class_set(classes, _class_names_of(data))
     if is_tensor_pair(data):
         x, y = data
         keep = _mask(y, wanted)

@@ -99,12 +99,14 @@ def density(H: Any, num_probes: int = 4, num_steps: int = 80, seed: int = 0,
     ``num_probes`` Rademacher (or ``probe="gaussian"``) vectors drawn with
     ``seed``, each driving a ``num_steps``-step float64 Lanczos run with full
     re-orthogonalisation; all probes advance together, one block product per
-    step. ``sigma``: Gaussian kernel width (default σ² = 1e-5·max(1, spread of
-    the nodes), as in the reference code). ``grid``: evaluation points, or
+    step. ``sigma``: Gaussian kernel width, positive and finite (default
+    σ² = 1e-5·max(1, spread of the nodes), as in the reference code). ``grid``: evaluation points, or
     their number.
     """
     if num_probes < 1 or num_steps < 1:
         raise ValueError("num_probes and num_steps must be positive")
+    if sigma is not None and not (np.isfinite(sigma) and sigma > 0):  # checked before any product is spent
+        raise ValueError(f"sigma must be a positive finite number (or None), got {sigma!r}")
     dim = int(H.dim)
     device = torch.device(basis_device) if basis_device is not None else getattr(H, "device", None)
     start = random_probes(dim, num_probes, seed, probe, device)
@@ -120,8 +122,6 @@ def density(H: Any, num_probes: int = 4, num_steps: int = 80, seed: int = 0,
         nodes[p, :m], weights[p, :m] = gauss_quadrature(tri.alpha[p, :m], tri.beta[p, :m - 1])
         nodes[p, m:] = nodes[p, m - 1]
     sigma = float(sigma) if sigma is not None else default_sigma(nodes)
-    if sigma <= 0:
-        raise ValueError("sigma must be positive")
     grid_values, values = smooth(nodes, weights, sigma, grid)
     used = getattr(H, "num_matvecs", before) - before
     return DensityResult(nodes, weights, grid_values, values, sigma, num_probes, steps, probe,

@@ -82,9 +82,14 @@ def launched_by_torchrun() -> bool:
 
 
 def _resolve_device(device: Union[None, str, torch.device], local_rank: int) -> torch.device:
-    """``cuda:LOCAL_RANK`` for a CUDA device (or None with CUDA present), else the CPU."""
-    wanted = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    """``cuda:LOCAL_RANK`` for a CUDA device (or None with CUDA present), else the CPU.
+
+    An unknown device name is a one-line ``ValueError`` (not torch's list of every device type)."""
+    try:
+        wanted = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
     if wanted.type != "cuda":
         return wanted
     if not torch.cuda.is_available():

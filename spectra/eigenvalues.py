@@ -23,7 +23,8 @@ from the recurrence.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+import math
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -109,28 +110,57 @@ class _Krylov:
         self.q[:, keep:keep + next_block.shape[1]] = next_block
 
 
-def _wanted(values: np.ndarray, k: int, which: str) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (into ascending ``values``) of the top-k (descending) and bottom-k (ascending)."""
-    n = len(values)
-    top = np.arange(n - 1, n - 1 - min(k, n), -1) if which in ("top", "both") else np.array([], int)
-    bottom = np.arange(min(k, n)) if which in ("bottom", "both") else np.array([], int)
+def _counts(k: Union[int, tuple[int, int]], which: str, dim: int) -> tuple[int, int]:
+    """(top, bottom) eigenvalues wanted; ``ValueError`` (one line) when they are not
+    positive integers or exceed the dimension (the two ends would share eigenvalues)."""
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    pair = tuple(k) if isinstance(k, (tuple, list)) and which == "both" else (k, k)
+    if len(pair) != 2 or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1
+                                 for c in pair):
+        raise ValueError(f"k must be a positive integer (which='both': or a (top, bottom) pair of them), got {k!r}")
+    top = int(pair[0]) if which in ("top", "both") else 0
+    bottom = int(pair[1]) if which in ("bottom", "both") else 0
+    if top + bottom > dim:
+        raise ValueError(f"{top} top + {bottom} bottom eigenvalues asked for, but the operator has only {dim}"
+                         + ("" if which != "both" else " (the two ends would share eigenvalues)"))
     return top, bottom
 
 
-def _keep_for_restart(n: int, k: int, which: str, keep: int) -> np.ndarray:
-    """Ritz indices to keep on a thick restart: the wanted ends, padded inward."""
-    if which == "top":
+def _wanted(values: np.ndarray, top_k: int, bottom_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into ascending ``values``) of the top-k (descending) and bottom-k (ascending);
+    fewer while the basis holds fewer Ritz values."""
+    n = len(values)
+    top = np.arange(n - 1, n - 1 - min(top_k, n), -1)
+    bottom = np.arange(min(bottom_k, n))
+    return top, bottom
+
+
+def _keep_for_restart(n: int, top_k: int, bottom_k: int, keep: int) -> np.ndarray:
+    """Ritz indices to keep on a thick restart: the wanted ends, padded inward
+    (``keep >= top_k + bottom_k``; the padding is shared evenly by the ends asked for)."""
+    if not bottom_k:
         return np.arange(n - keep, n)
-    if which == "bottom":
+    if not top_k:
         return np.arange(keep)
-    lo = keep // 2
+    lo = bottom_k + (keep - top_k - bottom_k) // 2
     return np.concatenate([np.arange(lo), np.arange(n - (keep - lo), n)])
 
 
 MIN_PRODUCTS = 20  # products before the stopping test may accept (ARPACK's default ncv)
 
 
-def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_iter: int = 200,
+def _check_budget(tol: float, max_iter: int, block_size: int, min_products: int) -> None:
+    """One-line ``ValueError`` for a tolerance outside (0, 1) or NaN, or non-integer / non-positive counts."""
+    if not (isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and 0 < tol < 1):
+        raise ValueError(f"tol must be a number with 0 < tol < 1, got {tol!r}")
+    for name, value, least in (("max_iter", max_iter, 1), ("block_size", block_size, 1),
+                               ("min_products", min_products, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def eigenvalues(H: Any, k: Union[int, tuple[int, int]] = 1, which: str = "both", tol: float = 1e-6, max_iter: int = 200,
                 seed: int = 0, block_size: int = 1, max_basis: Optional[int] = None,
                 basis_device: Optional[torch.device] = None, return_vectors: bool = False,
                 progress: bool = False, min_products: int = MIN_PRODUCTS) -> EigenResult:
@@ -146,8 +176,11 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
     (``converged=False`` then).
 
     Args:
-        k: eigenvalues per end. which: ``"top"``, ``"bottom"`` or ``"both"``.
-        tol: relative residual tolerance. max_iter: most products in the
+        k: eigenvalues per end, or a ``(top, bottom)`` pair for ``which="both"``.
+            ``ValueError`` when the ends ask for more than ``H.dim`` eigenvalues
+            together (``"both"``: they would overlap).
+        which: ``"top"``, ``"bottom"`` or ``"both"``.
+        tol: relative residual tolerance, ``0 < tol < 1``. max_iter: most products in the
             Krylov recurrence and its intermediate residual checks; the final
             check adds one product per returned Ritz pair (k per end, fewer when
             the basis is smaller). With fewer than ``k`` (``"both"``: ``2k``)
@@ -161,19 +194,15 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
         min_products: recurrence products before convergence is accepted
             (default 20; see the module docstring for why a small Krylov space
             misreports λmin). A result with fewer is never ``converged``.
+
+    A result that holds fewer than the wanted values per end, or whose ends
+    share Ritz pairs (``max_iter`` below the number wanted), is never ``converged``.
     """
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if k < 1 or block_size < 1 or max_iter < 1:
-        raise ValueError("k, block_size and max_iter must be positive")
-    if tol <= 0:
-        raise ValueError("tol must be positive")
-    if min_products < 0:
-        raise ValueError("min_products must be >= 0")
     dim = int(H.dim)
-    k = min(k, dim)
+    top_k, bottom_k = _counts(k, which, dim)
+    _check_budget(tol, max_iter, block_size, min_products)
     b = min(block_size, dim)
-    wanted_count = k * (2 if which == "both" else 1)
+    wanted_count = top_k + bottom_k
     capacity = min(dim, max_basis or (max_iter + b))
     capacity = max(capacity, min(dim, wanted_count + 2 * b))
     device = torch.device(basis_device) if basis_device is not None else getattr(H, "device", torch.device("cpu"))
@@ -190,7 +219,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
         bar.update(cur)
         space.expand(w, cur)
         values, vectors = space.ritz()
-        top, bottom = _wanted(values, k, which)
+        top, bottom = _wanted(values, top_k, bottom_k)
         idx = np.concatenate([top, bottom])
         next_block, r = orthonormal_columns(w, space.q[:, :space.m], seed + iterations)
         last = vectors[space.m - cur:space.m, :]
@@ -205,8 +234,9 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
         explored = full or used >= min(dim, min_products)
         enough = explored and space.m >= min(dim, wanted_count)
         if full or spent or (enough and bool(np.all(estimates[idx] <= target * scale))):
+            complete = len(top) == top_k and len(bottom) == bottom_k and len(top) + len(bottom) <= len(values)
             result = _finish(H, space, values, vectors, top, bottom, tol, scale, used + checks,
-                             iterations, restarts, which, b, return_vectors, explored)
+                             iterations, restarts, which, b, return_vectors, trusted=explored and complete)
             checks += len(idx)
             spent = used + checks + cur > max_iter  # the check's products count against the budget
             # In low precision the recurrence's residual can undershoot the true one:
@@ -216,7 +246,7 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
             target /= 10
         if space.m + cur > capacity and capacity < dim:
             keep = max(wanted_count + b, (capacity - b) // 2)
-            chosen = _keep_for_restart(len(values), k, which, min(keep, len(values)))
+            chosen = _keep_for_restart(len(values), top_k, bottom_k, min(keep, len(values)))
             space.restart(vectors[:, chosen], values[chosen], next_block)
             restarts += 1
         else:  # the last block of a full space may be narrower
@@ -228,8 +258,9 @@ def eigenvalues(H: Any, k: int = 1, which: str = "both", tol: float = 1e-6, max_
 
 def _finish(H: Any, space: _Krylov, values: np.ndarray, vectors: np.ndarray, top: np.ndarray,
             bottom: np.ndarray, tol: float, scale: float, used: int, iterations: int,
-            restarts: int, which: str, b: int, return_vectors: bool, explored: bool = True) -> EigenResult:
-    """Form the wanted Ritz vectors and measure their residuals with one block product."""
+            restarts: int, which: str, b: int, return_vectors: bool, trusted: bool = True) -> EigenResult:
+    """Form the wanted Ritz vectors and measure their residuals with one block product;
+    ``converged`` needs ``trusted`` (space explored, every wanted value present, ends apart)."""
     idx = np.concatenate([top, bottom]).astype(int)
     s = torch.from_numpy(vectors[:, idx]).to(space.q.device)
     y = space.q[:, :space.m] @ s
@@ -242,7 +273,7 @@ def _finish(H: Any, space: _Krylov, values: np.ndarray, vectors: np.ndarray, top
         top=values[top].copy(), bottom=values[bottom].copy(),
         top_residuals=residuals[:nt], bottom_residuals=residuals[nt:],
         num_matvecs=used + len(idx), num_iterations=iterations, num_restarts=restarts,
-        converged=explored and bool(np.all(residuals <= tol * scale)), tol=tol, scale=scale, which=which,
+        converged=trusted and bool(np.all(residuals <= tol * scale)), tol=tol, scale=scale, which=which,
         block_size=b,
         top_vectors=y[:, :nt] if return_vectors else None,
         bottom_vectors=y[:, nt:] if return_vectors else None,

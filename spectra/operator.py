@@ -13,6 +13,7 @@ import copy
 import fnmatch
 import types
 import warnings
+from collections.abc import Iterator as OneShotIterator
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -32,7 +33,8 @@ def select_parameters(model: nn.Module, params: ParamSpec) -> list[str]:
 
     ``None``: every parameter with ``requires_grad``. A string or a list of
     strings: exact names or ``fnmatch`` patterns (``"layer3.*"``). A list of
-    ``nn.Parameter`` objects: those parameters.
+    ``nn.Parameter`` objects: those parameters. Raises ``ValueError`` naming
+    every pattern that matches no trainable parameter, even when others match.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if params is None:
@@ -50,6 +52,10 @@ def select_parameters(model: nn.Module, params: ParamSpec) -> list[str]:
         for s in specs:
             if isinstance(s, Tensor) and id(s) not in by_id:
                 raise ValueError("a tensor in `params` is not a trainable parameter of the model")
+        unmatched = [s for s in specs if not isinstance(s, Tensor)
+                     and not any(n == s or fnmatch.fnmatchcase(n, s) for n, _ in named)]
+        if unmatched:  # a misspelt pattern must not silently shrink the parameter set
+            raise ValueError(f"no trainable parameter matches {', '.join(map(repr, unmatched))}")
         if not names:
             raise ValueError(f"no trainable parameter matches {specs!r}")
     if not names:
@@ -85,6 +91,37 @@ def _mode(model: nn.Module, train: bool) -> Iterator[None]:
 
 def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+
+
+def _is_stochastic(module: nn.Module) -> bool:
+    """Whether ``module`` draws random numbers in train mode: dropout of any kind
+    (``p > 0``), RReLU, and stochastic-depth style layers (a ``*Drop*`` or
+    ``*Stochastic*`` class with a ``p > 0``)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.RReLU):
+        return module.lower != module.upper
+    name = type(module).__name__.lower()
+    p = getattr(module, "p", None)
+    return ("drop" in name or "stochastic" in name) and isinstance(p, (int, float)) and p > 0
+
+
+def _refuse_random_train_mode(model: nn.Module) -> None:
+    """Train mode with a stochastic layer makes the loss a random function of θ:
+    its "Hessian" is not one matrix (each product sees another mask, or, with a kept
+    graph, one frozen mask is analysed), so the eigenvalues would be meaningless."""
+    stochastic = sorted({type(m).__name__ for m in model.modules() if _is_stochastic(m)})
+    if stochastic:
+        raise ValueError(f"eval_mode=False with stochastic layers ({', '.join(stochastic)}) makes the loss random, "
+                         "so it has no Hessian; use eval_mode=True (dropout off)")
+
+
+def _refuse_one_shot(data: DataLike) -> None:
+    """An iterator (a generator, ``iter(list)``) can be read once; uncached, every product
+    reads the data anew and would see no batch at all after the first pass."""
+    if isinstance(data, OneShotIterator):
+        raise ValueError("data is a one-shot iterator (e.g. a generator) but cache_data=False reads it for every "
+                         "product; pass a list or DataLoader, or cache_data=True")
 
 
 def _affine_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
@@ -135,11 +172,18 @@ class HessianOperator:
             on an H200). Both are exact; they differ only in rounding.
         eval_mode: evaluate the model in eval mode (default; BatchNorm uses its
             running statistics, dropout is off), which makes H a fixed matrix.
-            ``False`` uses train mode (batch statistics, double backward only).
+            ``False`` uses train mode (batch statistics, double backward only);
+            it raises ``ValueError`` for a model with stochastic layers (dropout
+            with ``p > 0``, RReLU, stochastic depth): their loss is a random
+            function of θ, so there is no Hessian to analyse (each product would
+            see another random mask, or a kept graph one frozen mask).
         batch_size: re-cut the cached data into batches of this size (larger
             batches are faster on GPUs; the result is the same).
         cache_data: hold all batches on ``device`` (default). ``False`` iterates
-            ``data`` anew for every product (for data that does not fit).
+            ``data`` anew for every product (for data that does not fit): ``data``
+            must then be re-iterable (a list, a ``DataLoader``; a generator or
+            other iterator raises ``ValueError``) and give the same number of
+            samples on every pass (a pass that differs raises ``RuntimeError``).
         max_block: most vectors pushed through one ``vmap`` pass (memory bound).
         allow_tf32: allow TF32 on Ampere+ GPUs (fast, ~1e-3 relative error);
             off by default, so products are accurate fp32/fp64.
@@ -183,6 +227,10 @@ class HessianOperator:
                  graphs: bool = False, keep_graph: Optional[bool] = None) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+        if not eval_mode:
+            _refuse_random_train_mode(model)
+        if not cache_data:
+            _refuse_one_shot(data)
         if not eval_mode and method != "double-backward":
             method = "double-backward"  # in-place BatchNorm updates cannot be vmapped
         if (compile or graphs) and method == "auto":
@@ -240,6 +288,8 @@ class HessianOperator:
         captured products (no new compilation or capture for shapes seen
         before); it has its own batches, sample count and product counters.
         """
+        if self._cache is None:
+            _refuse_one_shot(data)
         other = copy.copy(self)
         other._data = data
         other._batch_size = batch_size if batch_size is not None else self._batch_size
@@ -389,13 +439,28 @@ class HessianOperator:
         return None
 
     def batches(self) -> Iterator[Batch]:
-        """The batches of this rank, on the compute device."""
+        """The batches of this rank, on the compute device.
+
+        Uncached data is read anew; a pass that yields another number of samples
+        than the operator was built on raises ``RuntimeError`` at its end (else a
+        product over an exhausted iterable would silently be a sum over nothing).
+        """
         if self._cache is not None:
             yield from self._cache
-        else:
-            for b in iter_batches(self._data, self._batch_size):
-                if len(b[1]) > 0:
-                    yield self._to_device(b)
+            return
+        seen = 0
+        for batch in self._read_batches():
+            seen += len(batch[1])
+            yield batch
+        if seen != self._local_samples:
+            raise RuntimeError(f"the data gave {seen} samples on this pass but {self._local_samples} when the "
+                               "Hessian operator was built; uncached data must give the same samples on every pass")
+
+    def _read_batches(self) -> Iterator[Batch]:
+        """A fresh pass over the (uncached) data, empty batches dropped."""
+        for b in iter_batches(self._data, self._batch_size):
+            if len(b[1]) > 0:
+                yield self._to_device(b)
 
     @staticmethod
     def _resolve_distributed(flag: Optional[bool]) -> bool:
@@ -415,7 +480,9 @@ class HessianOperator:
         return buf.to(t.device)
 
     def _count_samples(self) -> int:
-        local = sum(len(y) for _, y in self.batches())
+        """Samples over all ranks; remembers this rank's count, which every later pass must give."""
+        local = sum(len(y) for _, y in (self._cache if self._cache is not None else self._read_batches()))
+        self._local_samples = local
         total = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
         return int(self._all_reduce(total).item())
 

@@ -39,10 +39,11 @@ import fcntl
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import h5py
 import numpy as np
@@ -55,6 +56,7 @@ __all__ = [
     "RESULT_ATTRIBUTES",
     "StoreError",
     "StoreLockedError",
+    "StoreWarning",
     "ResultRecord",
     "EigenSeries",
     "Run",
@@ -62,6 +64,7 @@ __all__ = [
     "ResultsWriter",
     "read_results",
     "stored_keys",
+    "file_attributes",
     "runs",
     "list_runs",
     "find_run",
@@ -70,6 +73,8 @@ __all__ = [
     "class_sizes",
     "eigen_table",
     "density_record",
+    "same_hessian_eigs",
+    "HESSIAN_IDENTITY",
     "schema_doc",
 ]
 
@@ -169,6 +174,10 @@ class StoreError(Exception):
 
 class StoreLockedError(StoreError):
     """Another process holds the writer lock."""
+
+
+class StoreWarning(UserWarning):
+    """A damaged entry of a results file was skipped; the message is one line naming file and entry."""
 
 
 @dataclass
@@ -280,11 +289,23 @@ def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ opening
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _check_schema(f: h5py.File, path: Path) -> None:
-    schema = _to_python(f.attrs.get("schema"))
+    try:
+        schema = _to_python(f.attrs.get("schema"))
+        raw_version = _to_python(f.attrs.get("schema_version", 0))
+    except (OSError, KeyError, RuntimeError) as exc:  # h5py's errors on damaged metadata
+        raise StoreError(f"cannot read {path}: {_first_line(exc)}") from exc
     if schema != SCHEMA:
         raise StoreError(f"{path} is an HDF5 file but not a spectra results file (no schema='{SCHEMA}' attribute)")
-    version = int(_to_python(f.attrs.get("schema_version", 0)))
+    try:
+        version = int(raw_version)
+    except (TypeError, ValueError):
+        raise StoreError(f"{path} is damaged: its schema_version {raw_version!r} is not an integer") from None
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} uses results schema version {version}; this spectra reads up to {SCHEMA_VERSION}")
 
@@ -307,13 +328,88 @@ def _open_for_reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
         yield f
 
 
-def _committed(f: h5py.File) -> Iterator[tuple[str, h5py.Group]]:
-    if ENTRIES not in f:
+# What a committed entry must hold to be read: these attributes, and its kind's datasets.
+_REQUIRED_ATTRS = ("kind", "class_index", "checkpoint_sha256", "settings_hash")
+# h5py's read failures on a damaged file (OSError: "filter returned failure", bad
+# object headers; KeyError/RuntimeError: broken links and B-trees).
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+OnDamage = Callable[[str, str], None]
+
+
+def _entries_group(f: h5py.File, path: Path) -> h5py.Group | None:
+    """``/entries`` (None when absent); ``StoreError`` when it is not a readable group."""
+    try:
+        if ENTRIES not in f:
+            return None
+        entries = f[ENTRIES]
+    except _H5_ERRORS as exc:
+        raise StoreError(f"{path} is damaged: /{ENTRIES} cannot be read ({_first_line(exc)})") from exc
+    if not isinstance(entries, h5py.Group):
+        raise StoreError(f"{path} is damaged: /{ENTRIES} is a {type(entries).__name__.lower()}, not a group")
+    return entries
+
+
+def _entry_damage(group: Any, provenance: dict[str, Any]) -> str | None:
+    """Why a committed entry cannot be read (None: it is whole)."""
+    if not isinstance(group, h5py.Group):
+        return "a dangling or unreadable link" if group is None else f"a {type(group).__name__.lower()}, not a group"
+    missing = [a for a in _REQUIRED_ATTRS if a not in provenance]
+    if missing:
+        return f"no {', '.join(missing)} attribute"
+    kind = provenance["kind"]
+    if kind not in RESULT_DATASETS:
+        return f"unknown kind {kind!r}"
+    try:
+        int(provenance["class_index"]), int(provenance.get("epoch", -1))
+    except (TypeError, ValueError):
+        return "class_index or epoch is not an integer"
+    absent = [d for d in RESULT_DATASETS[kind] if not isinstance(group.get(d), h5py.Dataset)]
+    return f"no {', '.join(absent)} dataset" if absent else None
+
+
+def _committed(f: h5py.File, path: Path, on_damage: OnDamage) -> Iterator[tuple[str, h5py.Group, dict[str, Any]]]:
+    """(name, group, decoded attributes) of every committed, whole entry.
+
+    Uncommitted ``.tmp-*`` groups are skipped silently; a damaged entry (a dangling
+    link or dataset where a group belongs, missing attributes or datasets, metadata
+    HDF5 cannot read) goes to ``on_damage(name, reason)`` and is skipped.
+    """
+    entries = _entries_group(f, path)
+    if entries is None:
         return
-    for name, group in f[ENTRIES].items():
-        if name.startswith(_TMP_PREFIX) or not bool(group.attrs.get("complete", False)):
+    try:
+        names = list(entries)
+    except _H5_ERRORS as exc:
+        raise StoreError(f"{path} is damaged: its entries cannot be listed ({_first_line(exc)})") from exc
+    for name in names:
+        if name.startswith(_TMP_PREFIX):
             continue
-        yield name, group
+        try:
+            group = entries.get(name)  # None for a dangling link
+            if isinstance(group, h5py.Group) and not bool(group.attrs.get("complete", False)):
+                continue
+            provenance = _decode_attrs(group.attrs) if isinstance(group, h5py.Group) else {}
+            damage = _entry_damage(group, provenance)
+        except _H5_ERRORS as exc:
+            damage = f"unreadable ({_first_line(exc)})"
+        if damage:
+            on_damage(name, damage)
+            continue
+        yield name, group, provenance
+
+
+def _skip_damaged(path: Path) -> OnDamage:
+    """Readers: one :class:`StoreWarning` per damaged entry, the intact ones stay readable."""
+    def warn(name: str, reason: str) -> None:
+        warnings.warn(f"{path}: skipping damaged entry {name}: {reason}", StoreWarning, stacklevel=4)
+    return warn
+
+
+def _refuse_damaged(path: Path) -> OnDamage:
+    """Writers: a damaged file is not extended (its damage could spread or hide)."""
+    def refuse(name: str, reason: str) -> None:
+        raise StoreError(f"{path} is damaged (entry {name}: {reason}); refusing to write to it")
+    return refuse
 
 
 # ------------------------------------------------------------------ writing
@@ -395,10 +491,15 @@ class ResultsWriter:
                 raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
             with self._open() as f:
                 _check_schema(f, self.path)
-                if ENTRIES in f:
-                    for name in [n for n in f[ENTRIES] if n.startswith(_TMP_PREFIX)]:
-                        del f[ENTRIES][name]  # left by a killed writer
-                self._keys = {name for name, _ in _committed(f)}
+                try:
+                    self._keys = {name for name, _, _ in _committed(f, self.path, _refuse_damaged(self.path))}
+                    entries = _entries_group(f, self.path)
+                    for name in [n for n in (entries or []) if n.startswith(_TMP_PREFIX)]:
+                        del entries[name]  # left by a killed writer
+                except StoreError:
+                    raise
+                except _H5_ERRORS as exc:
+                    raise StoreError(f"{self.path} is damaged ({_first_line(exc)}); refusing to write to it") from exc
             return
         with self._open() as f:
             f.attrs["schema"] = SCHEMA
@@ -454,27 +555,51 @@ def _utc_now() -> str:
 
 
 # ------------------------------------------------------------------ reading
-def _read_group(group: h5py.Group) -> ResultRecord:
+def _read_group(group: h5py.Group, provenance: dict[str, Any]) -> ResultRecord:
     arrays = {name: np.asarray(ds[()]) for name, ds in group.items() if isinstance(ds, h5py.Dataset)}
-    return ResultRecord(provenance=_decode_attrs(group.attrs), arrays=arrays)
+    return ResultRecord(provenance=provenance, arrays=arrays)
+
+
+def _read_entries(f: h5py.File, path: Path, kind: str | None) -> list[ResultRecord]:
+    """The whole committed entries (of ``kind``); damaged ones are skipped with a warning."""
+    on_damage = _skip_damaged(path)
+    records = []
+    for name, group, provenance in _committed(f, path, on_damage):
+        if kind is not None and provenance["kind"] != kind:
+            continue
+        try:
+            records.append(_read_group(group, provenance))
+        except _H5_ERRORS as exc:  # e.g. a corrupted compressed chunk
+            on_damage(name, f"unreadable ({_first_line(exc)})")
+    return records
 
 
 def read_results(path: str | os.PathLike[str], kind: str | None = None) -> list[ResultRecord]:
-    """All committed entries (optionally of one ``kind``), sorted by run, epoch, class, kind."""
+    """All committed entries (optionally of one ``kind``), sorted by run, epoch, class, kind.
+
+    A damaged entry (see :func:`_committed`, or data HDF5 cannot read) is skipped
+    with one :class:`StoreWarning` naming the file and the entry.
+    """
     with _open_for_reading(path) as f:
-        records = [
-            _read_group(g) for _, g in _committed(f)
-            if kind is None or _to_python(g.attrs.get("kind")) == kind
-        ]
+        records = _read_entries(f, Path(path), kind)
     records.sort(key=lambda r: (r.run, r.run_folder, r.epoch, r.class_index, r.kind,
                                 str(r.provenance.get("created_utc", ""))))
     return records
 
 
+def file_attributes(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The root attributes of a results file (``schema_version``, ``created_utc``, ...), decoded."""
+    with _open_for_reading(path) as f:
+        try:
+            return {name: _to_python(value) for name, value in f.attrs.items()}
+        except _H5_ERRORS as exc:
+            raise StoreError(f"cannot read {path}: {_first_line(exc)}") from exc
+
+
 def stored_keys(path: str | os.PathLike[str]) -> set[str]:
     """Keys of the committed entries."""
     with _open_for_reading(path) as f:
-        return {name for name, _ in _committed(f)}
+        return {name for name, _, _ in _committed(f, Path(path), _skip_damaged(Path(path)))}
 
 
 # ------------------------------------------------------------------ runs
@@ -503,7 +628,7 @@ def _label_runs(keys: set[tuple[str, str]]) -> dict[tuple[str, str], Run]:
 def _run_index(path: str | os.PathLike[str]) -> dict[tuple[str, str], Run]:
     """(name, folder) → :class:`Run` over every committed entry (attributes only)."""
     with _open_for_reading(path) as f:
-        provenances = [_decode_attrs(g.attrs) for _, g in _committed(f)]
+        provenances = [p for _, _, p in _committed(f, Path(path), _skip_damaged(Path(path)))]
     return _label_runs({(str(p.get("run", "")), _folder_of(p)) for p in provenances})
 
 
@@ -627,6 +752,23 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
             lambda_min=np.array([_first_or_nan(r.arrays["bottom"]) for _, r in rows], dtype=np.float64),
         )
     return table
+
+
+# Provenance that defines a Hessian: the weights, the class's samples, and the
+# loss, parameter selection and precision it is formed with.
+HESSIAN_IDENTITY = ("checkpoint_sha256", "class_index", "split", "sample_indices_sha256", "params", "loss_fn", "dtype")
+
+
+def same_hessian_eigs(path: str | os.PathLike[str], record: ResultRecord) -> ResultRecord | None:
+    """The newest ``eigs`` entry of the same Hessian as ``record`` (same values of every
+    :data:`HESSIAN_IDENTITY` attribute), or None: e.g. to mark λmin/λmax on a density,
+    which an eigs entry restricted to other parameters or computed in another dtype
+    must not do."""
+    wanted = tuple(record.provenance.get(a) for a in HESSIAN_IDENTITY)
+    matches = [r for r in read_results(path, kind="eigs")
+               if tuple(r.provenance.get(a) for a in HESSIAN_IDENTITY) == wanted]
+    matches.sort(key=lambda r: str(r.provenance.get("created_utc", "")))
+    return matches[-1] if matches else None
 
 
 def density_record(

@@ -149,10 +149,10 @@ class _SweepPlan:
 
 
 def run_sweep(
-    checkpoints: Sequence[str | os.PathLike[str]],
+    checkpoints: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     classes: str | Iterable[str | int] = "all",
-    kinds: Sequence[str] = ("eigs",),
+    kinds: str | Sequence[str] = ("eigs",),
     settings: AnalysisSettings | None = None,
     data_options: DataOptions | None = None,
     load_options: LoadOptions | None = None,
@@ -160,6 +160,10 @@ def run_sweep(
     spread: str = "samples",
 ) -> SweepSummary:
     """Every checkpoint × class × kind into the results file ``out``, resumably.
+
+    ``checkpoints``: files or run folders (one path may be given alone);
+    ``kinds``: analyses (one may be given as a string). Either being empty is
+    an ``AnalysisError`` before ``out`` is created.
 
     Entries already stored with the same key (checkpoint SHA-256, class, kind,
     settings hash) are skipped. Each new entry is committed as soon as it is
@@ -181,8 +185,9 @@ def run_sweep(
     settings = settings or AnalysisSettings()
     data_options = data_options or DataOptions()
     load_options = load_options or LoadOptions()
+    checkpoints, kinds = _as_list(checkpoints, "checkpoints"), _as_list(kinds, "kinds")
     for kind in kinds:
-        settings.with_kind(kind)  # validates the kind
+        settings.with_kind(kind)  # validates the kind and its settings
     files = expand_checkpoints(checkpoints)
     plan = _SweepPlan(classes, kinds, settings, data_options, load_options,
                       resolve_device(data_options.device), progress)
@@ -190,6 +195,15 @@ def run_sweep(
         if spread == "jobs" and sd.current_world_size() > 1:
             return _sweep_spreading_jobs(files, plan, writer)
         return _sweep_sharing_samples(files, plan, writer)
+
+
+def _as_list(items: Any, what: str) -> list[Any]:
+    """One str/path as a list of itself (iterating it would give its characters); an
+    empty list is an error before any file is created."""
+    listed = [items] if isinstance(items, (str, os.PathLike)) else list(items)
+    if not listed:
+        raise AnalysisError(f"run_sweep needs at least one of {what}, got none")
+    return listed
 
 
 def _open_job_source(path: Path, plan: _SweepPlan, cache: DataCache) -> tuple[LoadedCheckpoint, list[int], dict[str, Any]]:

@@ -228,3 +228,25 @@ def test_cuda_graphs_default_on_for_gpu_products_that_allow_them(settings, on_gp
     s = AnalysisSettings(**settings)
     assert uses_cuda_graphs(s, torch.device("cuda", 0)) is on_gpu
     assert uses_cuda_graphs(s, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("fields, pattern", [
+    ({"tol": 0.0}, "tol"), ({"tol": -1.0}, "tol"), ({"tol": float("nan")}, "tol"), ({"tol": 1.0}, "tol"),
+    ({"probes": 0}, "probes"), ({"steps": 0}, "steps"), ({"max_iter": 0}, "max_iter"),
+    ({"max_iter": 1}, "max_iter 1 is fewer than the 2 eigenvalues"), ({"top_k": 1.5}, "top_k"),
+    ({"sigma": float("nan")}, "sigma"), ({"sigma": 0.0}, "sigma"), ({"sigma": -1.0}, "sigma"),
+    ({"kind": "trace", "trace_probes": 3}, "hutch\\+\\+ needs at least 4 probes"),
+    ({"trace_method": "exact"}, "trace method"),
+])
+def test_settings_refuse_what_the_cli_refuses(fields, pattern):
+    """They were accepted and failed later, in every job of a sweep (or ran to max_iter on a NaN tol)."""
+    with pytest.raises(AnalysisError, match=pattern) as info:
+        AnalysisSettings(**fields)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_settings_for_one_kind_need_not_suit_another():
+    """max_iter 1 is fine for a density; asking the same settings for eigs is refused."""
+    density = AnalysisSettings(kind="density", max_iter=1)
+    with pytest.raises(AnalysisError, match="max_iter 1"):
+        density.with_kind("eigs")

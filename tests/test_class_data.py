@@ -31,6 +31,16 @@ def test_class_resolution_by_index_name_list_and_all():
         resolve_classes("10", names)
     with pytest.raises(AnalysisError, match="unknown class 'zebra'"):
         resolve_classes("zebra", names)
+    for superscript in ("²", "٣"):  # str.isdigit accepts them; int() fails on '²' and reads '٣' as 3
+        with pytest.raises(AnalysisError, match=f"unknown class '{superscript}'"):
+            resolve_classes(superscript, names)
+
+
+@pytest.mark.parametrize("options", [{"max_samples": 0}, {"batch_size": 0}, {"max_samples": 2.5}])
+def test_data_options_refuse_what_the_cli_refuses(options):
+    """max_samples=0 once failed every job with a misleading 'class has no samples'."""
+    with pytest.raises(AnalysisError, match=f"{next(iter(options))} must be a positive integer"):
+        DataOptions(**options)
 
 
 def test_class_without_samples_and_missing_dataset(env, tmp_path):

@@ -479,3 +479,41 @@ def test_keep_graph_gives_the_same_eigenvalues(env):
         assert kept["top"] == pytest.approx(plain["top"], rel=rel) and kept["bottom"] == pytest.approx(plain["bottom"], rel=rel)
     res = invoke("eigs", env["ckpt"], "--class", "3", "--keep-graph", "--hvp", "forward-over-reverse", *fast(env))
     assert res.exit_code != 0 and "--keep-graph keeps double-backward graphs" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------ QA findings
+def test_more_eigenvalues_than_parameters_are_refused(env, tmp_path):
+    """linear.bias has 10 parameters: --top-k 20 once stored 10 values as top_k 20, 6 + 6 overlapping ends."""
+    out = tmp_path / "r.h5"
+    for ks in (["--top-k", "20", "--bottom-k", "0"], ["--top-k", "6", "--bottom-k", "6", "--max-iter", "30"]):
+        res = invoke("eigs", env["ckpt"], "--class", "9", "--params", "linear.bias", *ks, "--out", out, *fast(env))
+        assert_user_error(res, r"bottom-k \d+ eigenvalues asked for, but the Hessian has only 10 .*at most 10$")
+    assert not out.exists() or store.read_results(out) == []
+
+
+def test_misspelt_params_pattern_and_unknown_device_are_one_line_errors(env):
+    res = invoke("eigs", env["ckpt"], "--class", "9", "--params", "linear.*", "--params", "linaer.weight", *fast(env))
+    assert_user_error(res, r"no trainable parameter matches 'linaer\.weight'$")
+    res = invoke("eigs", env["ckpt"], "--class", "9", "--data-root", env["root"], "--device", "foo")
+    assert_user_error(res, r"^Error: unknown device 'foo'; use cpu, cuda, cuda:N or auto$")
+
+
+def test_damaged_results_file_reads_intact_entries_and_refuses_writes(env, tmp_path):
+    from test_store import damaged_file
+
+    path = tmp_path / "damaged.h5"
+    good, damaged = damaged_file(path)
+    res = invoke("info", path)
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    warned = [line for line in res.stderr.splitlines() if line.startswith("Warning:")]
+    assert sorted(warned) == sorted(set(warned)) and len(warned) == len(damaged)  # once each, one line
+    assert all(any(f"{path}: skipping damaged entry {name}: " in w for w in warned) for name in damaged)
+    assert f"{len(good)} entries" in res.stdout
+    res = invoke("plot", "ratio", path, "-o", tmp_path / "ratio.png")
+    assert res.exit_code == 0 and (tmp_path / "ratio.png").read_bytes()[:8] == PNG_MAGIC, res.output
+    before = path.read_bytes()
+    res = invoke("eigs", env["ckpt"], "--class", "9", "--out", path, *fast(env))
+    assert_user_error(res, rf"{path} is damaged \(entry .*\); refusing to write to it$")
+    res = invoke("sweep", env["ckpt"], "--classes", "9", "--out", path, *fast(env))
+    assert_user_error(res, rf"{path} is damaged")
+    assert path.read_bytes() == before

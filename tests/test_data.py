@@ -49,3 +49,25 @@ def test_batching_helpers():
         spectra.as_batches(X, Y[:3])
     with pytest.raises(TypeError, match="batches"):
         list(iter_batches([X]))
+
+
+def test_a_class_given_as_text_is_one_whole_class():
+    """'12' once meant classes [1, 2] (the string was iterated character by character)."""
+    y = torch.tensor([0, 1, 2, 12] * 2)
+    x = torch.arange(8.0)
+    assert spectra.class_subset((x, y), "12")[1].tolist() == [12, 12]
+    assert spectra.class_subset((x, y), " 2 ")[1].tolist() == [2, 2]
+    named = TensorDataset(X, Y)
+    named.classes = ["plane", "car", "bird"]
+    assert spectra.class_subset(named, "Car").indices == spectra.class_subset(named, 1).indices
+    with pytest.raises(ValueError, match=r"unknown class 'ship'.*classes: plane, car, bird"):
+        spectra.class_subset(named, "ship")
+    with pytest.raises(ValueError, match=r"unknown class 'car'.*no class names"):
+        spectra.class_subset((X, Y), "car")
+
+
+@pytest.mark.parametrize("bad", [1.7, 1.0, [0, 1.5], True, None, "²"])
+def test_non_integer_classes_are_refused_in_one_line(bad):
+    with pytest.raises(ValueError) as info:
+        spectra.class_subset((X, Y), bad)
+    assert "\n" not in str(info.value) and ("integer" in str(info.value) or "unknown class" in str(info.value))

@@ -87,3 +87,8 @@ def test_bad_arguments(dense_cache):
         spectra.density(H, probe="uniform")
     with pytest.raises(ValueError, match="sigma"):
         spectra.density(H, num_steps=4, sigma=-1.0)
+    before = H.num_matvecs
+    for sigma in (float("nan"), float("inf")):  # NaN once gave a density of NaNs
+        with pytest.raises(ValueError, match="sigma must be a positive finite number"):
+            spectra.density(H, num_steps=4, sigma=sigma)
+    assert H.num_matvecs == before  # refused before any product

@@ -140,18 +140,50 @@ def test_full_space_on_a_tiny_matrix_is_exact():
         def matmul(self, v):
             return a @ v
 
-    res = spectra.eigenvalues(Dense(), k=10, tol=1e-14, block_size=4)
     ev = torch.linalg.eigvalsh(a).numpy()
-    np.testing.assert_allclose(res.bottom, ev, atol=1e-12)
-    np.testing.assert_allclose(res.top, ev[::-1], atol=1e-12)
+    res = spectra.eigenvalues(Dense(), k=3, tol=1e-14, block_size=4)
+    np.testing.assert_allclose(res.bottom, ev[:3], atol=1e-12)
+    np.testing.assert_allclose(res.top, ev[::-1][:3], atol=1e-12)
+    res = spectra.eigenvalues(Dense(), k=(4, 2), tol=1e-14)  # unequal ends that together fill the space
+    np.testing.assert_allclose(res.top, ev[::-1][:4], atol=1e-12)
+    np.testing.assert_allclose(res.bottom, ev[:2], atol=1e-12)
+    assert res.converged
 
 
 def test_bad_arguments(dense_cache):
     problem, _ = dense_cache("mlp")
     H = problem.operator()
-    for kwargs, msg in [({"which": "middle"}, "which"), ({"k": 0}, "positive"), ({"tol": 0}, "tol")]:
-        with pytest.raises(ValueError, match=msg):
+    for kwargs, msg in [({"which": "middle"}, "which"), ({"k": 0}, "positive"), ({"tol": 0}, "tol"),
+                        ({"tol": float("nan")}, "tol"), ({"tol": 2.0}, "tol"), ({"k": 1.5}, "integer"),
+                        ({"k": (1, 2), "which": "top"}, "pair"), ({"max_iter": 10.0}, "max_iter")]:
+        with pytest.raises(ValueError, match=msg) as info:
             spectra.eigenvalues(H, **kwargs)
+        assert "\n" not in str(info.value)
+
+
+class _Dense:
+    """A small symmetric matrix as an operator."""
+
+    def __init__(self, dim: int) -> None:
+        a = torch.randn(dim, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(dim))
+        self.a, self.dim, self.device = a + a.T, dim, torch.device("cpu")
+
+    def matmul(self, v):
+        return self.a @ v
+
+
+@pytest.mark.parametrize("k, which", [(11, "top"), (11, "bottom"), (6, "both"), ((8, 3), "both")])
+def test_more_eigenvalues_than_the_dimension_are_refused(k, which):
+    """Once clipped silently: k=11 on a 10-dim H gave 10 values, 6+6 gave overlapping ends."""
+    with pytest.raises(ValueError, match=r"asked for, but the operator has only 10$|would share"):
+        spectra.eigenvalues(_Dense(10), k=k, which=which)
+
+
+def test_ends_sharing_ritz_pairs_are_never_converged():
+    """max_iter below top + bottom: the basis is too small for distinct ends."""
+    res = spectra.eigenvalues(_Dense(10), k=3, which="both", max_iter=4, min_products=0, tol=0.999)
+    assert len(np.intersect1d(res.top, res.bottom)) > 0 or len(res.top) < 3
+    assert not res.converged
 
 
 def test_hvp_count_for_the_cnn_to_1e6(dense_cache, capsys):

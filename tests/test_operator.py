@@ -287,3 +287,76 @@ def test_graph_is_kept_by_default_only_for_one_batch(dense_cache):
     assert not problem.operator(method="forward-over-reverse").keeps_graphs
     assert not spectra.HessianOperator(problem.model, problem.loss_fn, (x, y), params=problem.params,
                                        cache_data=False).keeps_graphs
+
+
+def test_one_shot_data_needs_cache_data(dense_cache):
+    """A generator read for every product was exhausted after counting: H was 0, "converged"."""
+    problem, dense = dense_cache("mlp")
+
+    def generator():
+        yield from problem.batches
+
+    with pytest.raises(ValueError, match="one-shot iterator.*cache_data=True"):
+        spectra.HessianOperator(problem.model, problem.loss_fn, generator(), cache_data=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        spectra.HessianOperator(problem.model, problem.loss_fn, iter(problem.batches), cache_data=False)
+    cached = spectra.HessianOperator(problem.model, problem.loss_fn, generator())  # read once, kept
+    torch.testing.assert_close(cached.to_dense(), dense, rtol=0, atol=1e-12)
+    uncached = problem.operator(cache_data=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        uncached.with_data(generator())
+
+
+class _ReadOnce:
+    """Re-iterable in form (``iter(data) is not data``) but empty from the second pass on."""
+
+    def __init__(self, batches):
+        self._pass = iter([list(batches)])
+
+    def __iter__(self):
+        return iter(next(self._pass, []))
+
+
+def test_a_product_over_fewer_samples_than_counted_raises(dense_cache):
+    problem, _ = dense_cache("mlp")
+    H = spectra.HessianOperator(problem.model, problem.loss_fn, _ReadOnce(problem.batches), cache_data=False)
+    assert H.num_samples == sum(len(b[1]) for b in problem.batches)
+    with pytest.raises(RuntimeError, match=r"gave 0 samples on this pass but \d+"):
+        H @ torch.ones(H.dim, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="gave 0 samples"):
+        H.loss()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: a module named *Drop* with a probability ``p``."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep = (torch.rand(len(x), 1, dtype=x.dtype) >= self.p).to(x.dtype) if self.training else 1.0
+        return x * keep
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.5), nn.AlphaDropout(0.2), nn.RReLU(), DropPath(0.1)])
+def test_train_mode_with_stochastic_layers_is_refused(layer):
+    """A random loss has no Hessian: the result depended on keep_graph (one frozen mask or a new one per product)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), layer, nn.Tanh(), nn.Linear(4, 3)).double()
+    data = (torch.randn(20, 3, 2, 2, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    with pytest.raises(ValueError, match=f"stochastic layers \\({type(layer).__name__}\\).*eval_mode=True"):
+        spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, eval_mode=False)
+    H = spectra.HessianOperator(model, nn.CrossEntropyLoss(), data)  # eval mode: dropout off, one matrix
+    v = torch.randn(H.dim, dtype=torch.float64)
+    torch.testing.assert_close(H @ v, H @ v, rtol=0, atol=0)
+    model[2] = nn.Dropout(0.0)  # p = 0 draws nothing: train mode is a fixed matrix
+    assert spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, eval_mode=False).dim == H.dim
+
+
+def test_every_params_pattern_must_match():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert spectra.operator.select_parameters(model, ["0.weight", "1.*"]) == ["0.weight", "1.weight", "1.bias"]
+    with pytest.raises(ValueError, match=r"no trainable parameter matches '1\.wieght'$"):
+        spectra.operator.select_parameters(model, ["0.weight", "1.wieght"])
+    with pytest.raises(ValueError, match=r"'x', 'y\*'$"):
+        spectra.operator.select_parameters(model, ["x", "0.bias", "y*"])

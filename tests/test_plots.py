@@ -223,3 +223,27 @@ def test_cli_runs_with_one_name_in_two_folders(tmp_path, captured_plots):
     args, kwargs, _ = captured_plots["density"][-1]
     assert kwargs["labels"] == ["seedA/ce-drw epoch 2, class 0 (c0)"]
     assert kwargs["extremes"] == (-1.0, 10.0)  # from seedA's eigs entry, not seedB's
+
+
+def test_cli_density_marks_extremes_only_from_eigs_of_the_same_hessian(tmp_path, captured_plots):
+    """An eigs entry of the same run, epoch and class but another Hessian (other params, dtype,
+    loss, samples or checkpoint) once put its λmin/λmax on the density."""
+    path = tmp_path / "m.h5"
+    variants = {"params": ["linear.bias"], "dtype": "float64", "loss_fn": "ldam",
+                "sample_indices_sha256": "1" * 64, "checkpoint_sha256": "f" * 64}
+    with ResultsWriter(path) as w:
+        w.write(make_record(3, 2, 3.0, -1.0, kind="density", run="ce-drw"))
+        for i, (name, value) in enumerate(variants.items()):
+            other = make_record(3, 2, 0.15 + i, 5e-9, run="ce-drw", settings=f"{i}" * 64)
+            other.provenance[name] = value
+            w.write(other)
+
+    def drawn() -> tuple[float, float] | None:
+        res = _cli("plot", "density", path, "--class", "2", "--epoch", "3", "-o", tmp_path / "d.png")
+        assert res.exit_code == 0, res.output
+        return captured_plots["density"][-1][1]["extremes"]
+
+    assert drawn() is None
+    with ResultsWriter(path) as w:
+        w.write(make_record(3, 2, 7.0, -2.0, run="ce-drw", settings="s" * 64))
+    assert drawn() == (-2.0, 7.0)

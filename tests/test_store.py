@@ -240,3 +240,72 @@ def test_run_labels_grow_until_folders_differ(tmp_path):
         w.write(make_record(1, 0, 1.0, -1.0, run="ce", parent="/a/s1"))
         w.write(make_record(1, 0, 1.0, -1.0, run="ce", parent="/b/s1"))
     assert store.runs(path) == ["a/s1/ce", "b/s1/ce"]
+
+
+# ------------------------------------------------------------------ damaged files
+def _corrupt_first_chunk(path, entry: str, dataset: str) -> None:
+    """Overwrite the bytes of a compressed dataset's first chunk: its read fails in the gzip filter."""
+    with h5py.File(path, "r") as f:
+        info = f["entries"][entry][dataset].id.get_chunk_info(0)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset)
+        raw.write(b"\xff" * info.size)
+
+
+def damaged_file(path) -> tuple[list[str], list[str]]:
+    """A results file with two whole eigs entries and four damaged ones: (intact keys, damaged names)."""
+    with ResultsWriter(path) as w:
+        good = [w.write(make_record(1, 0, 4.0, -1.0)), w.write(make_record(2, 0, 3.0, -0.5))]
+        big = make_record(2, 0, 3.0, -0.5, kind="density")
+        big.arrays["values"] = np.linspace(0, 1, 5000)
+        corrupt = w.write(big)
+    _corrupt_first_chunk(path, corrupt, "values")
+    with h5py.File(path, "a") as f:
+        entries = f["entries"]
+        entries["dangling"] = h5py.SoftLink("/nowhere")
+        entries["a_dataset"] = np.arange(3)
+        entries.create_group("no_attributes").attrs["complete"] = True
+    return good, sorted(["dangling", "a_dataset", "no_attributes", corrupt])
+
+
+def test_damaged_entries_are_skipped_with_one_warning_each(tmp_path):
+    path = tmp_path / "r.h5"
+    good, damaged = damaged_file(path)
+    with pytest.warns(store.StoreWarning) as caught:
+        records = store.read_results(path)
+    assert sorted(r.key for r in records) == sorted(good)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(damaged) and not any("\n" in m for m in messages)
+    for name in damaged:
+        assert sum(m.startswith(f"{path}: skipping damaged entry {name}: ") for m in messages) == 1
+    with pytest.warns(store.StoreWarning):
+        table = store.eigen_table(path)
+    np.testing.assert_allclose(table[0].lambda_max, [4.0, 3.0])
+
+
+def test_writers_refuse_a_damaged_file_and_leave_it_unchanged(tmp_path):
+    path = tmp_path / "r.h5"
+    damaged_file(path)
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=rf"^{path} is damaged \(entry \S+: .*\); refusing to write to it$"):
+        ResultsWriter(path)
+    assert path.read_bytes() == before
+
+
+def test_file_level_damage_is_one_line(tmp_path):
+    as_dataset = tmp_path / "entries_dataset.h5"
+    with ResultsWriter(as_dataset):
+        pass
+    with h5py.File(as_dataset, "a") as f:
+        del f["entries"]
+        f["entries"] = np.arange(4)
+    bad_version = tmp_path / "version.h5"
+    with ResultsWriter(bad_version) as w:
+        w.write(make_record(1, 0, 4.0, -1.0))
+    with h5py.File(bad_version, "a") as f:
+        f.attrs["schema_version"] = "one"
+    for path, pattern in [(as_dataset, "/entries is a dataset, not a group"),
+                          (bad_version, "its schema_version 'one' is not an integer")]:
+        for action in (store.read_results, ResultsWriter):
+            with pytest.raises(StoreError, match=f"^{path} is damaged: {pattern}$"):
+                action(path)

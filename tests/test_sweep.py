@@ -7,7 +7,7 @@ import pytest
 
 from spectra import store
 from spectra.analysis import AnalysisSettings
-from spectra.class_data import DataOptions
+from spectra.class_data import AnalysisError, DataOptions
 from spectra.sweep import expand_checkpoints, run_sweep
 
 from tiny_runs import tiny_run
@@ -59,3 +59,29 @@ def test_sweep_reports_failures_and_continues(env, tmp_path):
     opts = DataOptions(dataset="cifar10-lt", root=str(env["root"]), device="cpu")
     summary = run_sweep([env["run"][0]], out, classes="3,9", settings=AnalysisSettings(tol=1e-4), data_options=opts)
     assert summary.computed == 1 and len(summary.failed) == 1 and "has no samples" in summary.failed[0]
+
+
+def test_one_path_and_one_kind_may_be_given_alone(env, tmp_path):
+    """A str was iterated: checkpoints="run/ckpt.pt" scanned "/", kinds="eigs" asked for analysis 'e'."""
+    out = tmp_path / "results.h5"
+    summary = run_sweep(str(env["run"][0]), out, classes="9", kinds="eigs", settings=AnalysisSettings(tol=1e-4),
+                        data_options=DataOptions(root=str(env["root"]), device="cpu"))
+    assert (summary.computed, summary.failed) == (1, [])
+    (record,) = store.read_results(out)
+    assert record.kind == "eigs" and record.provenance["checkpoint_path"] == str(env["run"][0].resolve())
+
+
+@pytest.mark.parametrize("empty", ["checkpoints", "kinds"])
+def test_empty_checkpoints_or_kinds_are_refused_before_the_file_exists(env, tmp_path, empty):
+    out = tmp_path / "results.h5"
+    arguments = {"checkpoints": [env["run"][0]], "kinds": ["eigs"], empty: []}
+    with pytest.raises(AnalysisError, match=f"needs at least one of {empty}"):
+        run_sweep(arguments["checkpoints"], out, kinds=arguments["kinds"])
+    assert not out.exists()
+
+
+def test_invalid_settings_fail_before_any_job(env, tmp_path):
+    out = tmp_path / "results.h5"
+    with pytest.raises(AnalysisError, match="hutch\\+\\+ needs at least 4 probes, got 1"):
+        run_sweep([env["run"][0]], out, kinds=("eigs", "trace"), settings=AnalysisSettings(trace_probes=1))
+    assert not out.exists()
