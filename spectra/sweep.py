@@ -210,7 +210,9 @@ def _open_job_source(path: Path, plan: _SweepPlan, cache: DataCache) -> tuple[Lo
     """The checkpoint, its wanted classes and the data identity (for the settings hash)."""
     lo = plan.load_options
     checkpoint = load_checkpoint(path, lo.arch, lo.arch_kwargs, lo.trust)
-    names = _class_names_without_loading(checkpoint, plan.classes) or cache.source(checkpoint).class_names
+    # Another data set (--dataset) may have other classes than the checkpoint records: ask the data.
+    shortcut = plan.data_options.dataset is None and _class_names_without_loading(checkpoint, plan.classes)
+    names = shortcut or cache.source(checkpoint).class_names
     return checkpoint, resolve_classes(plan.classes, names), cache.identity(checkpoint)
 
 

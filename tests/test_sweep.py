@@ -85,3 +85,14 @@ def test_invalid_settings_fail_before_any_job(env, tmp_path):
     with pytest.raises(AnalysisError, match="hutch\\+\\+ needs at least 4 probes, got 1"):
         run_sweep([env["run"][0]], out, kinds=("eigs", "trace"), settings=AnalysisSettings(trace_probes=1))
     assert not out.exists()
+
+
+def test_all_classes_of_another_data_set_are_its_own(env, tmp_path, monkeypatch):
+    """--dataset with 3 classes on a 10-class checkpoint: 'all' once meant 10 classes, 7 bogus failures."""
+    (tmp_path / "three_classes.py").write_text(
+        "import torch\ndef make():\n    return torch.randn(12, 3, 32, 32), torch.arange(12) % 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    summary = run_sweep([env["run"][0]], tmp_path / "r.h5", classes="all",
+                        settings=AnalysisSettings(tol=1e-4, params=("linear.bias",)),
+                        data_options=DataOptions(dataset="three_classes:make", device="cpu"))
+    assert (summary.computed, summary.failed) == (3, [])
