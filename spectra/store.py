@@ -551,7 +551,8 @@ class ResultsWriter:
 
 
 def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # microseconds: "newest wins" must order entries written within one second
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 # ------------------------------------------------------------------ reading
@@ -732,7 +733,8 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
 
     Uses the ``eigs`` entries of one run (required when the file holds several;
     see :func:`find_run` for how to name it); when one (class, epoch) was
-    analysed several times the newest entry wins. λmax = ``top[0]`` and
+    analysed several times the newest entry wins (entries of two different checkpoints
+    at one epoch raise ``ValueError``). λmax = ``top[0]`` and
     λmin = ``bottom[0]``; an entry stored with top-k 0 (bottom-k 0) gives NaN.
     """
     records = read_results(path, kind="eigs")
@@ -742,6 +744,7 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
     records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
     newest: dict[tuple[int, int], ResultRecord] = {}
     for r in records:  # sorted by creation time within (run, epoch, class)
+        _refuse_two_checkpoints(newest.get((r.class_index, r.epoch)), r, path)
         newest[(r.class_index, r.epoch)] = r
     table: dict[int, EigenSeries] = {}
     for c in sorted({c for c, _ in newest}):
@@ -752,6 +755,18 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
             lambda_min=np.array([_first_or_nan(r.arrays["bottom"]) for _, r in rows], dtype=np.float64),
         )
     return table
+
+
+def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, path: str | os.PathLike[str]) -> None:
+    """One point per (class, epoch) of a run: entries of two different checkpoints there
+    (e.g. several plain state dicts of unknown epoch, -1) cannot be told apart on an epoch axis."""
+    if older is None:
+        return
+    shas = {str(r.provenance.get("checkpoint_sha256", "")) for r in (older, newer)}
+    if len(shas) > 1:
+        raise ValueError(f"{path}: run {newer.run!r} holds entries of different checkpoints at epoch {newer.epoch} "
+                         f"(class {newer.class_index}): {older.provenance.get('checkpoint_path')} and "
+                         f"{newer.provenance.get('checkpoint_path')}; put them in separate folders (runs) or give them epochs")
 
 
 # Provenance that defines a Hessian: the weights, the class's samples, and the

@@ -309,3 +309,27 @@ def test_file_level_damage_is_one_line(tmp_path):
         for action in (store.read_results, ResultsWriter):
             with pytest.raises(StoreError, match=f"^{path} is damaged: {pattern}$"):
                 action(path)
+
+
+def test_two_checkpoints_at_one_epoch_of_a_run_are_refused(tmp_path):
+    """Plain state dicts have no epoch (-1): two of them in one folder are not a series over epochs."""
+    path = tmp_path / "r.h5"
+    a, b = make_record(-1, 0, 1.0, -1.0), make_record(-1, 0, 2.0, -2.0)
+    b.provenance.update(checkpoint_path="/x/run-a/other.pt", checkpoint_sha256="f" * 64)
+    with ResultsWriter(path) as w:
+        w.write(a)
+        w.write(b)
+    with pytest.raises(ValueError, match="different checkpoints at epoch -1"):
+        store.eigen_table(path)
+
+
+def test_newest_entry_wins_within_one_second(tmp_path):
+    """Two analyses of one checkpoint and class written back to back: creation times carry
+    microseconds, so the later one is used whatever order the file lists them in."""
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(1, 0, 1.0, -1.0, settings="b" * 64))
+        w.write(make_record(1, 0, 2.0, -1.0, settings="a" * 64))
+    times = {r.arrays["top"][0]: r.provenance["created_utc"] for r in store.read_results(path)}
+    assert times[2.0] > times[1.0]  # with whole seconds they were equal and the order was the file's
+    assert store.eigen_table(path)[0].lambda_max[0] == 2.0
