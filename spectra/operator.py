@@ -14,7 +14,7 @@ import fnmatch
 import types
 import warnings
 from collections.abc import Iterator as OneShotIterator
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +142,19 @@ def _affine_batchnorm_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) 
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
+def _check_precision_and_reduction(dtype: torch.dtype, loss_fn: Any) -> None:
+    """Refuse a torch loss that does not average over its batch (``reduction='sum'`` would
+    scale the Hessian by the batch sizes, ``'none'`` is not a scalar); warn on half precision,
+    whose ~1e-3 relative rounding swamps the small eigenvalues (λmin) this operator is for."""
+    reduction = getattr(loss_fn, "reduction", "mean") if isinstance(loss_fn, nn.modules.loss._Loss) else "mean"
+    if reduction != "mean":
+        raise ValueError(f"loss_fn must average over its batch (reduction='mean'), got reduction={reduction!r}: "
+                         "the operator forms the Hessian of the mean loss over the samples itself")
+    if dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(f"Hessian-vector products in {str(dtype).removeprefix('torch.')} carry ~1e-3 relative "
+                      "rounding; pass dtype=torch.float32 or torch.float64", RuntimeWarning, stacklevel=3)
+
+
 class HessianOperator:
     """Hessian of the mean loss of ``model`` over ``data`` as a linear operator.
 
@@ -244,6 +257,7 @@ class HessianOperator:
         # Products through vmap'd forward-over-reverse, else double backward ("auto": vmap on GPUs only).
         self.uses_vmap = method == "forward-over-reverse" or (
             method == "auto" and keep_graph is not True and self.device.type != "cpu")
+        _check_precision_and_reduction(self.dtype, loss_fn)
         if isinstance(loss_fn, nn.Module):  # its buffers (class weights, margins) follow the compute dtype/device
             loss_fn = copy.deepcopy(loss_fn).to(device=self.device, dtype=self.dtype)
         self.loss_fn, self.max_block, self.allow_tf32 = loss_fn, max_block, allow_tf32

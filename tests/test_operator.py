@@ -360,3 +360,19 @@ def test_every_params_pattern_must_match():
         spectra.operator.select_parameters(model, ["0.weight", "1.wieght"])
     with pytest.raises(ValueError, match=r"'x', 'y\*'$"):
         spectra.operator.select_parameters(model, ["x", "0.bias", "y*"])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_a_loss_that_does_not_average_is_refused(reduction):
+    """reduction='sum' would scale the Hessian by the batch sizes; the operator averages itself."""
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    with pytest.raises(ValueError, match=f"reduction={reduction!r}"):
+        spectra.HessianOperator(model, nn.CrossEntropyLoss(reduction=reduction), data)
+
+
+def test_half_precision_products_warn():
+    model = nn.Linear(4, 3)
+    data = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    with pytest.warns(RuntimeWarning, match="bfloat16 carry ~1e-3"):
+        spectra.HessianOperator(model, nn.CrossEntropyLoss(), data, dtype=torch.bfloat16)
