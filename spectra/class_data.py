@@ -191,6 +191,23 @@ def _builtin_source(spec: ds.DatasetSpec, download: bool) -> SampleSource:
                         ids=loaded.indices.long(), class_names=list(loaded.class_names), fetch=fetch)
 
 
+def _class_labels(labels: torch.Tensor, factory: str) -> torch.Tensor:
+    """The factory's targets as int64 class indices; non-integral or negative values are refused
+    (truncating 2.7 to class 2 would analyse the wrong samples)."""
+    if len(labels) == 0:
+        raise AnalysisError(f"the data set factory {factory!r} returned no samples")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise AnalysisError(f"the data set factory {factory!r} has non-integer targets (e.g. "
+                            f"{labels[labels != labels.round()][0].item():g}); class labels must be integers")
+    if labels.is_complex() or labels.dtype == torch.bool:
+        raise AnalysisError(f"the data set factory {factory!r} has {labels.dtype} targets; class labels must be integers")
+    labels = labels.long()
+    if int(labels.min()) < 0:
+        raise AnalysisError(f"the data set factory {factory!r} has negative targets ({int(labels.min())}); "
+                            "class labels must be 0, 1, ...")
+    return labels
+
+
 def _user_source(factory: str, split: str) -> SampleSource:
     dataset = ds.load_user_dataset(factory)
     names_attr = getattr(dataset, "classes", None)
@@ -204,9 +221,7 @@ def _user_source(factory: str, split: str) -> SampleSource:
 
         def fetch(positions: torch.Tensor) -> torch.Tensor:
             return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in positions])
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if len(labels) == 0:
-        raise AnalysisError(f"the data set factory {factory!r} returned no samples")
+    labels = _class_labels(torch.as_tensor(labels).reshape(-1), factory)
     num_classes = int(labels.max()) + 1
     names = [str(n) for n in names_attr] if isinstance(names_attr, (list, tuple)) else [str(c) for c in range(num_classes)]
     description = {"factory": factory, "split": split}

@@ -75,6 +75,26 @@ def test_user_dataset_factory(tmp_path, monkeypatch, env):
         DataCache(DataOptions(dataset="my_empty_mod:make")).source(checkpoint)
 
 
+@pytest.mark.parametrize("targets, message", [
+    ("torch.tensor([0.0, 1.0, 2.7, 1.0])", "non-integer targets \\(e.g. 2.7"),  # was silently class 2
+    ("torch.tensor([0, -1, 1, 2])", "negative targets \\(-1\\)"),
+    ("torch.tensor([True, False, True, False])", "torch.bool targets"),
+])
+def test_factory_targets_must_be_class_indices(tmp_path, monkeypatch, env, targets, message):
+    module = f"my_labels_mod_{abs(hash(targets))}"  # one module per case: imports are cached
+    (tmp_path / f"{module}.py").write_text(f"import torch\ndef make():\n    return torch.zeros(4, 3, 32, 32), {targets}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AnalysisError, match=message):
+        DataCache(DataOptions(dataset=f"{module}:make")).source(load_checkpoint(env["run"][0]))
+
+
+def test_integral_float_targets_are_classes(tmp_path, monkeypatch, env):
+    (tmp_path / "my_float_mod.py").write_text("import torch\ndef make():\n    return torch.zeros(4, 3, 32, 32), torch.tensor([0.0, 1.0, 2.0, 1.0])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    labels = DataCache(DataOptions(dataset="my_float_mod:make")).source(load_checkpoint(env["run"][0])).labels
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 1, 2, 1]
+
+
 def test_long_tail_options_on_a_balanced_data_set_are_refused(env):
     """--imbalance-ratio / --profile / --lt-seed would be recorded but have no effect on a balanced set."""
     checkpoint = load_checkpoint(env["run"][0])
