@@ -128,7 +128,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 _EPOCH_PATTERNS = (
     re.compile(r"epoch[_\-]?(\d+)", re.IGNORECASE),
-    re.compile(r"(?:^|[_\-.])(?:ep|e)?(\d+)$", re.IGNORECASE),
+    # a trailing number after _ - or a dot that ends a word (``model.20``), not a version's ``v1.2``
+    re.compile(r"(?:^|[_\-]|(?<=[^\d.])\.)(?:ep|e)?(\d+)$", re.IGNORECASE),
 )
 
 
@@ -337,8 +338,7 @@ def read_checkpoint_epoch(path: str | os.PathLike[str]) -> int:
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), (int, np.integer)):
-                return int(obj["epoch"])
+            return _epoch_of(obj, path)
         except Exception:
             pass
     found = epoch_from_filename(path)

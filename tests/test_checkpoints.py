@@ -70,6 +70,13 @@ def test_spectra_checkpoint_loads_without_flags(tmp_path, net):
     assert read_checkpoint_epoch(path) == 7
 
 
+def test_a_tensor_epoch_is_read_the_same_everywhere(tmp_path, net):
+    """``read_checkpoint_epoch`` (sweeps) and ``load_checkpoint`` agree on a 0-dim tensor ``epoch``."""
+    path = tmp_path / "weights.pt"
+    torch.save({"epoch": torch.tensor(12), "arch": "resnet20", "state_dict": net.state_dict()}, path)
+    assert read_checkpoint_epoch(path) == 12 == load_checkpoint(path).epoch
+
+
 def test_reference_code_format_with_module_prefix_and_cosine_head(tmp_path):
     torch.manual_seed(1)
     model = build_model("resnet20", num_classes=100, cosine_head=True).eval()
@@ -212,6 +219,7 @@ def test_missing_garbage_and_unknown_arch(tmp_path, net):
 @pytest.mark.parametrize("name, epoch", [
     ("ckpt_epoch0010.pt", 10), ("epoch-7.pth", 7), ("model_20.pth", 20), ("ckpt.e15.pt", 15),
     ("resnet32.pt", None), ("last.pt", None), ("ckpt.pth.tar", None),
+    ("model.20.pt", 20), ("v1.2.pt", None), ("net-v2.0.pt", None),  # a version number is not an epoch
 ])
 def test_epoch_from_filename(name, epoch):
     assert epoch_from_filename(name) == epoch
