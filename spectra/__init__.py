@@ -3,7 +3,8 @@
 The Hessian studied is ``H = ∇²_θ (1/N) Σ_i ℓ(f_θ(x_i), y_i)`` — the Hessian
 of the **mean** loss over every sample of a (class-filtered) data set, w.r.t.
 the chosen parameters θ, with the model in eval mode by default. Products
-``H @ v`` are exact (forward-over-reverse autodiff); eigenvalues come from
+``H @ v`` are exact (autodiff: double backward on CPUs, forward-over-reverse on GPUs
+by default); eigenvalues come from
 restarted block Lanczos with residual-based stopping, densities from
 stochastic Lanczos quadrature, traces from Hutchinson / Hutch++.
 

@@ -105,7 +105,7 @@ PROVENANCE: dict[str, str] = {
     "num_samples": "number of samples of that class used",
     "sample_indices_sha256": "SHA-256 of the samples' indices into the split (int64 little-endian)",
     "class_counts": "JSON: samples per class in the split (before --max-samples)",
-    "loss_fn": "loss whose Hessian is analysed ('ce' = mean cross-entropy)",
+    "loss_fn": "loss whose Hessian is analysed ('ce' = mean cross-entropy; 'ldam' / 'vs' = mean LDAM / VS loss)",
     "loss": "value of that mean loss over the class samples at the checkpoint",
     "algorithm": "lanczos (eigs) | slq (density) | hutch++ / hutchinson (trace)",
     "algorithm_params": "JSON: parameters of the algorithm (k, tol, max_iter / probes, steps / ...)",
