@@ -14,8 +14,9 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import click
 import numpy as np
@@ -71,6 +72,17 @@ def _quiet_rank() -> bool:
     return os.environ.get("RANK", "0") != "0"
 
 
+QUIET_EXIT_DELAY_S = 2.0
+
+
+def exit_quiet_rank() -> NoReturn:
+    """Exit a failing torchrun rank other than 0 silently (status 1), a moment late: rank 0
+    met the same error and prints it, and torchrun stops every rank once one has exited,
+    which could cut rank 0 off before its message."""
+    time.sleep(QUIET_EXIT_DELAY_S)
+    raise SystemExit(1)
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into ``click.ClickException`` (one line, exit 1)."""
 
@@ -79,9 +91,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with _one_line_warnings():
                 return _as_click_error(func, *args, **kwargs)
-        except click.ClickException:
-            if _quiet_rank():  # rank 0 hit the same error and reports it
-                raise SystemExit(1) from None
+        except (click.ClickException, click.Abort):
+            if _quiet_rank():  # rank 0 hit the same error (or Ctrl-C) and reports it
+                exit_quiet_rank()
             raise
 
     return wrapper

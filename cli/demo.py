@@ -26,8 +26,12 @@ def demo(out_dir: str, quick: bool, epochs: int | None, samples_per_class: int |
 
     Example: spectra demo --out demo && open demo/ratio.png
     """
+    from spectra import distributed as sd
     from spectra.demo import MIN_EPOCHS, DemoConfig, DemoError, run_demo
     from spectra.store import StoreError
+
+    if sd.launched_by_torchrun():  # its steps print and write as one process: every rank would repeat them
+        raise click.ClickException("spectra demo runs in one process; start it without torchrun")
 
     config = DemoConfig.quick() if quick else DemoConfig()
     changes: dict = {}

@@ -11,6 +11,8 @@ from typing import Any, NoReturn
 
 import click
 
+from .common import exit_quiet_rank
+
 # (module, attribute) of every sub-command; each module owns its commands.
 _COMMANDS = [
     ("spectra_cli.analyze", "eigs"),
@@ -44,6 +46,17 @@ class _SpectraGroup(click.Group):
     """The command group; a closed output pipe ends a command silently instead
     of as ``Error: [Errno 32] Broken pipe`` (the commands' error handler turns
     every OSError into such a line, keeping the original as ``__context__``)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Under torchrun only rank 0 reports usage errors and Ctrl-C (click parses every
+        rank's identical command line, before any command's own error handling)."""
+        if os.environ.get("RANK", "0") == "0" or not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except (click.ClickException, click.Abort):
+            exit_quiet_rank()
+        raise SystemExit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -19,6 +19,8 @@ from spectra import distributed as sd
 from spectra.datasets import DATASET_NAMES, download_cifar
 from spectra.train.config import METHOD_DESCRIPTIONS, METHODS, parse_override, resolve_config
 
+from .common import exit_quiet_rank
+
 
 def _rank_zero() -> bool:
     """Rank 0 of a torchrun job, or a plain process: the one that prints."""
@@ -74,6 +76,8 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
         if not resume:  # before a download; fit checks it again (the library's own guard)
             check_out_dir_is_free(out)
     except ValueError as exc:
+        if not _rank_zero():
+            exit_quiet_rank()  # rank 0 reports it
         raise click.ClickException(str(exc)) from None
     try:
         if download and _rank_zero():  # the others wait for it in the group's rendezvous
@@ -84,7 +88,7 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     # OSError: an --out under a regular file, no permission, a full disk.
     except (ValueError, OSError, RuntimeError, StoreError) as exc:
         if not _rank_zero():
-            raise SystemExit(1) from None  # rank 0 reports it
+            exit_quiet_rank()  # rank 0 reports it
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if not ctx.is_writer:
         return

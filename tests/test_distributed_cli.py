@@ -185,12 +185,23 @@ def test_data_parallel_training_matches_one_process(env, tmp_path):
         assert_same_arrays(e1[key], record, rtol=1e-3)  # float32 Lanczos to tol 1e-3
 
 
-def test_short_last_batch_is_refused_over_ranks(env, tmp_path):
-    """last_batch='short' does not split over ranks: a one-line error from spectra (torchrun's launcher
-    then reports the failed ranks with its own traceback), nothing trained."""
-    proc = torchrun(env, "train", "--method", "ce", "--dataset", "cifar10-lt", "--out", tmp_path / "run", "--no-progress",
-                    "--data-root", env["root"], "--device", "cpu", "--epochs", "1", "--set", "last_batch=short",
+def test_demo_is_refused_under_torchrun(env, tmp_path):
+    proc = torchrun(env, "demo", "--quick", "--out", tmp_path / "demo", expect_ok=False)
+    assert proc.stderr.count("Error: spectra demo runs in one process") == 1, proc.stderr
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("method, setting, message", [
+    ("ce", "last_batch=short", "last_batch='short' is for one process"),
+    ("ce-drw-lpf", "lpf_samples=2", "LPF-SGD with lpf_samples=2 is for one process"),  # trained a different step
+    ("ce", "bogus=1", "unknown training setting 'bogus'"),  # refused before the group is joined
+])
+def test_what_does_not_split_over_ranks_is_refused_once(env, tmp_path, method, setting, message):
+    """One-line errors from spectra, printed by rank 0 alone (torchrun's launcher then reports the
+    failed ranks with its own traceback); nothing trained."""
+    proc = torchrun(env, "train", "--method", method, "--dataset", "cifar10-lt", "--out", tmp_path / "run", "--no-progress",
+                    "--data-root", env["root"], "--device", "cpu", "--epochs", "1", "--set", setting,
                     expect_ok=False)
-    assert "Error: last_batch='short' is for one process" in proc.stderr
+    assert proc.stderr.count(f"Error: {message}") == 1, proc.stderr
     assert "ValueError" not in proc.stderr  # spectra's own error is one line, not a Python traceback
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -228,22 +228,29 @@ class Trainer:
     def _join_process_group(self) -> sd.DistContext:
         """This rank's place under ``torchrun`` (rank 0 of 1 otherwise); sets
         ``self.device`` to the rank's GPU (``cuda:LOCAL_RANK``) on CUDA."""
-        if not (sd.launched_by_torchrun() or dist.is_available() and dist.is_initialized()):
-            return sd.DistContext(device=self.device)
-        ctx = sd.init_from_env(device=self.device)
-        self.device = ctx.device
-        if self.config.batch_size % ctx.world_size:
-            raise ValueError(f"the batch size {self.config.batch_size} (global) does not split evenly over "
-                             f"{ctx.world_size} ranks")
-        per_rank = self.config.batch_size // ctx.world_size
-        if self.config.optimizer == "lpf" and per_rank % self.config.lpf_samples:
-            raise ValueError(f"lpf_samples ({self.config.lpf_samples}) must divide the per-rank batch ({per_rank})")
-        if self.config.last_batch == "short" and ctx.world_size > 1:
-            raise ValueError("last_batch='short' is for one process (its last batch does not split over ranks); "
-                             "use 'wrap' or 'drop' under torchrun")
+        if sd.launched_by_torchrun() or dist.is_available() and dist.is_initialized():
+            ctx = sd.init_from_env(device=self.device)
+            self.device = ctx.device
+            self._check_split(ctx.world_size)
+        else:
+            ctx = sd.DistContext(device=self.device)
         if self.config.sync_bn and ctx.device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm); train without it on CPUs")
         return ctx
+
+    def _check_split(self, world_size: int) -> None:
+        """Refuse what does not split over ``world_size`` ranks the way one process computes it."""
+        c = self.config
+        if c.batch_size % world_size:
+            raise ValueError(f"the batch size {c.batch_size} (global) does not split evenly over {world_size} ranks")
+        if world_size > 1 and c.last_batch == "short":
+            raise ValueError("last_batch='short' is for one process (its last batch does not split over ranks); "
+                             "use 'wrap' or 'drop' under torchrun")
+        if world_size > 1 and c.optimizer == "lpf" and c.lpf_samples > 1:
+            # each rank would split its own rows into M parts: other rows meet each noise draw, and the
+            # class weights would normalise per part and rank — not the one-process step
+            raise ValueError(f"LPF-SGD with lpf_samples={c.lpf_samples} is for one process: under torchrun its "
+                             "batch parts would differ from the single-process ones; use lpf_samples=1 (the preset's)")
 
     def _load_data(self) -> None:
         c = self.config

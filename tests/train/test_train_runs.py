@@ -276,3 +276,11 @@ def test_cuda_graphs_on_the_cpu_say_so_in_one_log_line(cifar10_root, tmp_path, r
     fit(cfg, tmp_path / "run", log=logs.append)
     assert "[ce] --compile graphs: CUDA graphs need a CUDA device; training eagerly" in logs
     assert not [w for w in recwarn if "CUDA graphs" in str(w.message)]
+
+
+def test_sync_bn_on_a_cpu_is_refused_in_one_process_too(cifar10_root, tmp_path):
+    """It was refused under torchrun only; one process recorded sync_bn=true and synchronised nothing."""
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA devices"):
+        fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, device="cpu", sync_bn=True, **TINY),
+            tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run" / "config.json").exists()
