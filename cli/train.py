@@ -17,7 +17,7 @@ import click
 
 from spectra import distributed as sd
 from spectra.datasets import DATASET_NAMES, download_cifar
-from spectra.train.config import METHOD_DESCRIPTIONS, METHODS, parse_override, resolve_config
+from spectra.train.config import METHOD_DESCRIPTIONS, METHODS, parse_override, resolve_config, settings_without_effect
 
 from .common import exit_quiet_rank
 
@@ -72,7 +72,9 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     options.update(data_root=str(Path(data_root).expanduser()) if data_root is not None else None, progress=progress)
     out = Path(out_dir)
     try:
-        config = resolve_config(method, dataset, **_settings(click.get_current_context(), options, overrides))
+        settings, explicit = _settings(click.get_current_context(), options, overrides)
+        config = resolve_config(method, dataset, **settings)
+        _refuse_settings_without_effect(config, explicit)
         if not resume:  # before a download; fit checks it again (the library's own guard)
             check_out_dir_is_free(out)
     except ValueError as exc:
@@ -99,9 +101,21 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
 _OPTION_SETTINGS = {"compile_mode": "compile"}
 
 
-def _settings(ctx: click.Context, options: dict[str, Any], overrides: tuple[str, ...]) -> dict[str, Any]:
+def _refuse_settings_without_effect(config: Any, explicit: dict[str, str]) -> None:
+    """A setting the user gave that the method never uses (``--rho`` with ce) is an error:
+    the run's config would record it as if it had been used."""
+    unused = settings_without_effect(config, explicit)
+    if unused:
+        given = "; ".join(f"{explicit[k]} needs {need}" for k, need in unused.items())
+        them = "it" if len(unused) == 1 else "them"
+        raise ValueError(f"{given}; {config.method} does not use {them} (set the optimizer, loss or drw too, "
+                         f"or leave {them} out)")
+
+
+def _settings(ctx: click.Context, options: dict[str, Any], overrides: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
     """The options the user gave plus the ``--set`` overrides, as TrainConfig
-    settings. A setting given both ways is an error, whatever the order."""
+    settings, and how the user gave each explicit one. A setting given both ways
+    is an error, whatever the order."""
     explicit: dict[str, str] = {}  # setting -> how the user gave it
     settings: dict[str, Any] = {}
     for name, value in options.items():
@@ -121,7 +135,7 @@ def _settings(ctx: click.Context, options: dict[str, Any], overrides: tuple[str,
             raise ValueError(f"--set {text} conflicts with {explicit[key]}: give {key} once")
         explicit[key] = f"--set {text}"
         settings[key] = value
-    return settings
+    return settings, explicit
 
 
 def _result_line(method: str, dataset: str, s: dict[str, Any], out: Path, already_complete: bool) -> str:

@@ -17,7 +17,7 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 __all__ = ["TrainConfig", "METHODS", "METHOD_DESCRIPTIONS", "PRESET_KEYS", "resolve_config", "parse_override"]
 
@@ -253,6 +253,24 @@ def resolve_config(method: str, dataset: str = "cifar10-lt", **overrides: Any) -
     config = TrainConfig.from_dict(values)
     config.validate()
     return config
+
+
+# Settings that act only under one optimizer, loss or DRW: setting -> (what they need, test on the config).
+_USED_ONLY_WITH: dict[str, tuple[str, Callable[[TrainConfig], bool]]] = {
+    **{k: ("optimizer sam", lambda c: c.optimizer == "sam") for k in ("rho", "sam_adaptive", "sam_bn")},
+    **{k: ("optimizer pgd", lambda c: c.optimizer == "pgd") for k in ("pgd_radius", "pgd_grad_threshold", "pgd_interval")},
+    **{k: ("optimizer lpf", lambda c: c.optimizer == "lpf") for k in ("lpf_samples", "lpf_sigma")},
+    **{k: ("loss ldam", lambda c: c.loss == "ldam") for k in ("ldam_max_margin", "ldam_scale")},
+    **{k: ("loss vs", lambda c: c.loss == "vs") for k in ("vs_gamma", "vs_tau")},
+    **{k: ("DRW (drw=true)", lambda c: c.drw) for k in ("drw_epoch", "drw_beta")},
+}
+
+
+def settings_without_effect(config: TrainConfig, keys: Iterable[str]) -> dict[str, str]:
+    """Of ``keys``, the settings that change nothing under ``config`` -> what they need
+    (``rho`` without SAM, ``vs_tau`` without the VS loss, ...): a user who sets them
+    explicitly would believe a run used them."""
+    return {k: _USED_ONLY_WITH[k][0] for k in keys if k in _USED_ONLY_WITH and not _USED_ONLY_WITH[k][1](config)}
 
 
 # Settings whose None is meaningful, so an explicit None override is kept.

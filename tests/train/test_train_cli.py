@@ -252,6 +252,9 @@ def test_resume_without_last_pt_but_with_checkpoints_is_a_one_line_error(cifar10
     (["--method", "ce-drw", "--epochs", "2", "--set", "drw_epoch=50"], ["DRW would never switch on"]),
     (["--seed", "3000000000000"], ["seed must be >= 0 and < 4294967296"]),
     (["--set", "data_seed=4294967296"], ["data_seed must be"]),
+    (["--rho", "0.7"], ["--rho 0.7 needs optimizer sam", "ce does not use it "]),
+    (["--set", "vs_tau=2", "--set", "pgd_interval=5"], ["--set vs_tau=2 needs loss vs",
+                                                       "--set pgd_interval=5 needs optimizer pgd", "does not use them"]),
 ])
 def test_settings_that_would_do_nothing_are_one_line_errors(args, words, cifar10_root, tmp_path):
     defaults = {"--method": "ce", "--epochs": "1", "--batch-size": "32", "--imbalance-ratio": "10"}

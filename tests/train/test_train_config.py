@@ -35,3 +35,15 @@ def test_imbalance_settings_on_a_balanced_data_set_are_refused(dataset):
     assert resolve_config("ce", dataset).imbalance_ratio == 100.0
     assert resolve_config("ce", dataset, imbalance_ratio=1.0).imbalance_ratio == 1.0
     assert resolve_config("ce", f"{dataset}-lt", imbalance_ratio=50.0, imbalance_profile="step").imbalance_ratio == 50.0
+
+
+def test_settings_without_effect_follow_the_resolved_config():
+    """A setting counts as used when the resolved optimizer / loss / DRW uses it, whatever the preset."""
+    from spectra.train.config import settings_without_effect
+
+    keys = ["rho", "pgd_interval", "lpf_sigma", "vs_tau", "ldam_scale", "drw_epoch", "lr", "epochs"]
+    assert settings_without_effect(resolve_config("ce"), keys) == {
+        "rho": "optimizer sam", "pgd_interval": "optimizer pgd", "lpf_sigma": "optimizer lpf", "vs_tau": "loss vs",
+        "ldam_scale": "loss ldam", "drw_epoch": "DRW (drw=true)"}
+    assert settings_without_effect(resolve_config("ce", optimizer="sam", rho=0.3), ["rho"]) == {}
+    assert set(settings_without_effect(resolve_config("ldam-drw-sam"), keys)) == {"pgd_interval", "lpf_sigma", "vs_tau"}
