@@ -47,3 +47,11 @@ def test_settings_without_effect_follow_the_resolved_config():
         "ldam_scale": "loss ldam", "drw_epoch": "DRW (drw=true)"}
     assert settings_without_effect(resolve_config("ce", optimizer="sam", rho=0.3), ["rho"]) == {}
     assert set(settings_without_effect(resolve_config("ldam-drw-sam"), keys)) == {"pgd_interval", "lpf_sigma", "vs_tau"}
+
+
+def test_lr_milestones_must_increase():
+    """learning_rate takes the last milestone passed: with [150, 100] factor[1] applies from epoch 101 on and
+    factor[0] never does."""
+    with pytest.raises(ValueError, match=r"increasing order; got \[150, 100\]"):
+        resolve_config("ce", lr_milestones=[150, 100])
+    assert resolve_config("ce", lr_milestones=[100, 150]).resolved_lr_milestones() == [100, 150]
