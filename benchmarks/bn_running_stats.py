@@ -14,27 +14,35 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spectra.datasets import DatasetSpec, load_dataset, normalize  # noqa: E402
+from spectra.datasets import DatasetSpec, LoadedDataset, load_dataset, normalize  # noqa: E402
 from spectra.train.augment import EpochBatches  # noqa: E402
 from spectra.train.checkpoint import load_training_checkpoint, model_from_checkpoint  # noqa: E402
 from spectra.train.evaluation import evaluate  # noqa: E402
 
 
-def restat_accuracies(path: str, data_root: str, batches: int, draws: int) -> tuple[dict, list[float]]:
-    """``(stored metrics, test accuracy after each re-estimate)`` for one training checkpoint."""
-    ck = load_training_checkpoint(path, map_location="cpu")
+def run_data(ck: dict, data_root: str, max_test: int | None = None) -> tuple[LoadedDataset, LoadedDataset, EpochBatches]:
+    """The training and test sets of a training checkpoint's run (the test set class-stratified
+    to about ``max_test`` images), and its augmented training batches (``.epoch(e)``; epochs
+    from 10,000 on are ones the run never saw)."""
     cfg = ck["config"]
     spec = DatasetSpec(cfg["dataset"], root=data_root, imbalance_ratio=cfg["imbalance_ratio"], profile=cfg["imbalance_profile"],
                        seed=cfg["data_seed"])
-    train, test = load_dataset(spec), load_dataset(spec.with_split("test"))
+    train, test = load_dataset(spec), load_dataset(dataclasses.replace(spec.with_split("test"), max_samples=max_test))
+    return train, test, EpochBatches(train.images, train.labels, cfg["batch_size"], cfg["seed"], torch.device("cpu"))
+
+
+def restat_accuracies(path: str, data_root: str, batches: int, draws: int) -> tuple[dict, list[float]]:
+    """``(stored metrics, test accuracy after each re-estimate)`` for one training checkpoint."""
+    ck = load_training_checkpoint(path, map_location="cpu")
+    train, test, source = run_data(ck, data_root)
     base = model_from_checkpoint(ck)
-    source = EpochBatches(train.images, train.labels, cfg["batch_size"], cfg["seed"], torch.device("cpu"))
     accs = []
     for draw in range(draws):
         images, _ = source.epoch(10_000 + draw)  # epochs the run never saw

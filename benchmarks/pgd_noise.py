@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import tempfile
@@ -38,11 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import positive  # noqa: E402
-from bn_running_stats import reestimate_statistics  # noqa: E402
+from bn_running_stats import reestimate_statistics, run_data  # noqa: E402
 
-from spectra.datasets import DatasetSpec, load_dataset  # noqa: E402
 from spectra.train import parse_override  # noqa: E402
-from spectra.train.augment import EpochBatches  # noqa: E402
 from spectra.train.checkpoint import load_training_checkpoint, model_from_checkpoint  # noqa: E402
 from spectra.train.config import TrainConfig  # noqa: E402
 from spectra.train.evaluation import evaluate  # noqa: E402
@@ -64,12 +61,9 @@ def jumped(model: torch.nn.Module, norm: float, seed: int) -> torch.nn.Module:
 def jump_accuracies(ck: dict, data_root: str, norms: list[float], draws: int, bn_batches: int,
                     max_test: int | None) -> list[dict]:
     """Test accuracy after isotropic jumps of each norm, stale and re-estimated BatchNorm statistics."""
-    cfg = ck["config"]
-    spec = DatasetSpec(cfg["dataset"], root=data_root, imbalance_ratio=cfg["imbalance_ratio"],
-                       profile=cfg["imbalance_profile"], seed=cfg["data_seed"])
-    train, test = load_dataset(spec), load_dataset(dataclasses.replace(spec.with_split("test"), max_samples=max_test))
+    train, test, source = run_data(ck, data_root, max_test)
     base = model_from_checkpoint(ck)
-    images, _ = EpochBatches(train.images, train.labels, cfg["batch_size"], cfg["seed"], torch.device("cpu")).epoch(10_000)
+    images, _ = source.epoch(10_000)  # an epoch the run never saw
 
     def score(model: torch.nn.Module) -> dict:
         r = evaluate(model, test.images, test.labels, train.class_counts)

@@ -89,15 +89,15 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
 
 def refuse_existing_runs(methods: list[str], args: argparse.Namespace) -> None:
     """Never train over a run's files without --resume (the check `spectra train` makes)."""
-    from spectra.train.trainer import existing_run_files
+    from spectra.train.trainer import check_out_dir_is_free
 
     if args.resume:
         return
     for m in methods:
-        found = existing_run_files(Path(args.out) / m)
-        if found:
-            raise SystemExit(f"{Path(args.out) / m} already holds a run ({', '.join(found[:3])}); "
-                             "use another --out or --resume")
+        try:
+            check_out_dir_is_free(Path(args.out) / m)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
 
 
 def run_in_process(methods: list[str], args: argparse.Namespace, mode: str) -> dict[str, dict]:

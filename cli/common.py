@@ -67,7 +67,7 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _quiet_rank() -> bool:
+def quiet_rank() -> bool:
     """A torchrun rank other than 0: it reports nothing (rank 0 says it once)."""
     return os.environ.get("RANK", "0") != "0"
 
@@ -88,13 +88,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with _one_line_warnings():
-                return _as_click_error(func, *args, **kwargs)
-        except (click.ClickException, click.Abort):
-            if _quiet_rank():  # rank 0 hit the same error (or Ctrl-C) and reports it
-                exit_quiet_rank()
-            raise
+        # on torchrun ranks other than 0 the command group's main keeps the error quiet (rank 0 prints it)
+        with _one_line_warnings():
+            return _as_click_error(func, *args, **kwargs)
 
     return wrapper
 
@@ -107,7 +103,7 @@ def _one_line_warnings() -> Iterator[None]:
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         text = _one_line(message) if isinstance(message, BaseException) else str(message).strip().split("\n")[0]
-        if text not in shown and not _quiet_rank():
+        if text not in shown and not quiet_rank():
             shown.add(text)
             click.echo(f"Warning: {text}", err=True)
 

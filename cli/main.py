@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import click
 
-from .common import exit_quiet_rank
+from .common import exit_quiet_rank, quiet_rank
 
 # (module, attribute) of every sub-command; each module owns its commands.
 _COMMANDS = [
@@ -50,7 +50,7 @@ class _SpectraGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Under torchrun only rank 0 reports usage errors and Ctrl-C (click parses every
         rank's identical command line, before any command's own error handling)."""
-        if os.environ.get("RANK", "0") == "0" or not kwargs.get("standalone_mode", True):
+        if not quiet_rank() or not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
         try:
             code = super().main(*args, **{**kwargs, "standalone_mode": False})

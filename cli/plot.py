@@ -83,5 +83,4 @@ def _extremes(results: str, record: store.ResultRecord) -> tuple[float, float] |
     eigs = store.same_hessian_eigs(results, record)
     if eigs is None:
         return None  # e.g. a file of density entries only, or eigs of other settings: the curve alone
-    top, bottom = eigs.arrays["top"], eigs.arrays["bottom"]
-    return (float(bottom[0]) if len(bottom) else float("nan")), (float(top[0]) if len(top) else float("nan"))
+    return store.lambda_extremes(eigs)

@@ -19,12 +19,7 @@ from spectra import distributed as sd
 from spectra.datasets import DATASET_NAMES, download_cifar
 from spectra.train.config import METHOD_DESCRIPTIONS, METHODS, parse_override, resolve_config, settings_without_effect
 
-from .common import exit_quiet_rank
-
-
-def _rank_zero() -> bool:
-    """Rank 0 of a torchrun job, or a plain process: the one that prints."""
-    return os.environ.get("RANK", "0") == "0"
+from .common import quiet_rank
 
 
 def _methods_help() -> str:
@@ -77,20 +72,16 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
         _refuse_settings_without_effect(config, explicit)
         if not resume:  # before a download; fit checks it again (the library's own guard)
             check_out_dir_is_free(out)
-    except ValueError as exc:
-        if not _rank_zero():
-            exit_quiet_rank()  # rank 0 reports it
+    except ValueError as exc:  # under torchrun rank 0 alone prints it (the command group's main)
         raise click.ClickException(str(exc)) from None
     try:
-        if download and _rank_zero():  # the others wait for it in the group's rendezvous
+        if download and not quiet_rank():  # the others wait for it in the group's rendezvous
             download_cifar(dataset, config.data_root)
         with sd.distributed_session(device=None if config.device == "auto" else config.device) as ctx:
             result = fit(config, out, resume=resume, log=lambda msg: click.echo(msg, err=True))
     # ValueError covers bad settings and unreadable data or checkpoint files (the message names the file);
     # OSError: an --out under a regular file, no permission, a full disk.
     except (ValueError, OSError, RuntimeError, StoreError) as exc:
-        if not _rank_zero():
-            exit_quiet_rank()  # rank 0 reports it
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if not ctx.is_writer:
         return

@@ -34,7 +34,7 @@ import torch
 from spectra import datasets as ds
 from spectra import distributed as sd
 from spectra.checkpoints import LoadedCheckpoint
-from spectra.data import dataset_targets
+from spectra.data import dataset_targets, is_integer_text
 
 __all__ = [
     "AnalysisError",
@@ -302,12 +302,6 @@ def _check_class_range(class_index: int, class_names: Sequence[str]) -> None:
         )
 
 
-def _is_ascii_integer(text: str) -> bool:
-    """'12' or '-1'; not '²' or '٣', which ``str.isdigit`` accepts but ``int`` reads differently or not at all."""
-    digits = text[1:] if text.startswith("-") else text
-    return digits.isascii() and digits.isdigit()
-
-
 def resolve_classes(spec: str | int | Iterable[str | int], class_names: Sequence[str]) -> list[int]:
     """Class indices from ``all``, an index, a name, or a comma-separated mix."""
     items: list[str | int]
@@ -324,7 +318,7 @@ def resolve_classes(spec: str | int | Iterable[str | int], class_names: Sequence
     lowered = {n.lower(): i for i, n in enumerate(class_names)}
     out: list[int] = []
     for item in items:
-        if isinstance(item, int) or _is_ascii_integer(str(item)):
+        if isinstance(item, int) or is_integer_text(str(item)):
             index = int(item)
             _check_class_range(index, class_names)
         elif str(item).lower() in lowered:

@@ -26,11 +26,16 @@ def _class_index(c: Any) -> int:
     raise ValueError(f"class_subset takes integer class indices, got {c!r} ({type(c).__name__})")
 
 
+def is_integer_text(text: str) -> bool:
+    """'12' or '-1'; not '²' or '٣', which ``str.isdigit`` accepts but ``int`` reads differently or not at all."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
 def _named_class(name: str, class_names: Sequence[str] | None) -> int:
     """A str class: a whole integer ('12') or one of the data's class names (case-insensitive)."""
     text = name.strip()
-    digits = text[1:] if text.startswith("-") else text
-    if digits.isascii() and digits.isdigit():
+    if is_integer_text(text):
         return int(text)
     lowered = {str(n).lower(): i for i, n in enumerate(class_names or [])}
     if text.lower() in lowered:

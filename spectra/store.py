@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 import h5py
 import numpy as np
 
+from spectra.checkpoints import first_line
+
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
@@ -74,6 +76,7 @@ __all__ = [
     "eigen_table",
     "density_record",
     "same_hessian_eigs",
+    "lambda_extremes",
     "HESSIAN_IDENTITY",
     "schema_doc",
 ]
@@ -289,17 +292,12 @@ def _decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ opening
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _check_schema(f: h5py.File, path: Path) -> None:
     try:
         schema = _to_python(f.attrs.get("schema"))
         raw_version = _to_python(f.attrs.get("schema_version", 0))
     except (OSError, KeyError, RuntimeError) as exc:  # h5py's errors on damaged metadata
-        raise StoreError(f"cannot read {path}: {_first_line(exc)}") from exc
+        raise StoreError(f"cannot read {path}: {first_line(exc)}") from exc
     if schema != SCHEMA:
         raise StoreError(f"{path} is an HDF5 file but not a spectra results file (no schema='{SCHEMA}' attribute)")
     try:
@@ -343,7 +341,7 @@ def _entries_group(f: h5py.File, path: Path) -> h5py.Group | None:
             return None
         entries = f[ENTRIES]
     except _H5_ERRORS as exc:
-        raise StoreError(f"{path} is damaged: /{ENTRIES} cannot be read ({_first_line(exc)})") from exc
+        raise StoreError(f"{path} is damaged: /{ENTRIES} cannot be read ({first_line(exc)})") from exc
     if not isinstance(entries, h5py.Group):
         raise StoreError(f"{path} is damaged: /{ENTRIES} is a {type(entries).__name__.lower()}, not a group")
     return entries
@@ -380,7 +378,7 @@ def _committed(f: h5py.File, path: Path, on_damage: OnDamage) -> Iterator[tuple[
     try:
         names = list(entries)
     except _H5_ERRORS as exc:
-        raise StoreError(f"{path} is damaged: its entries cannot be listed ({_first_line(exc)})") from exc
+        raise StoreError(f"{path} is damaged: its entries cannot be listed ({first_line(exc)})") from exc
     for name in names:
         if name.startswith(_TMP_PREFIX):
             continue
@@ -391,7 +389,7 @@ def _committed(f: h5py.File, path: Path, on_damage: OnDamage) -> Iterator[tuple[
             provenance = _decode_attrs(group.attrs) if isinstance(group, h5py.Group) else {}
             damage = _entry_damage(group, provenance)
         except _H5_ERRORS as exc:
-            damage = f"unreadable ({_first_line(exc)})"
+            damage = f"unreadable ({first_line(exc)})"
         if damage:
             on_damage(name, damage)
             continue
@@ -499,7 +497,7 @@ class ResultsWriter:
                 except StoreError:
                     raise
                 except _H5_ERRORS as exc:
-                    raise StoreError(f"{self.path} is damaged ({_first_line(exc)}); refusing to write to it") from exc
+                    raise StoreError(f"{self.path} is damaged ({first_line(exc)}); refusing to write to it") from exc
             return
         with self._open() as f:
             f.attrs["schema"] = SCHEMA
@@ -571,7 +569,7 @@ def _read_entries(f: h5py.File, path: Path, kind: str | None) -> list[ResultReco
         try:
             records.append(_read_group(group, provenance))
         except _H5_ERRORS as exc:  # e.g. a corrupted compressed chunk
-            on_damage(name, f"unreadable ({_first_line(exc)})")
+            on_damage(name, f"unreadable ({first_line(exc)})")
     return records
 
 
@@ -594,7 +592,7 @@ def file_attributes(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             return {name: _to_python(value) for name, value in f.attrs.items()}
         except _H5_ERRORS as exc:
-            raise StoreError(f"cannot read {path}: {_first_line(exc)}") from exc
+            raise StoreError(f"cannot read {path}: {first_line(exc)}") from exc
 
 
 def stored_keys(path: str | os.PathLike[str]) -> set[str]:
@@ -728,6 +726,11 @@ def _first_or_nan(values: np.ndarray) -> float:
     return float(values[0]) if len(values) else float("nan")
 
 
+def lambda_extremes(record: ResultRecord) -> tuple[float, float]:
+    """``(λmin, λmax)`` of an eigs entry: ``bottom[0]`` and ``top[0]``, NaN for an end stored with k = 0."""
+    return _first_or_nan(record.arrays["bottom"]), _first_or_nan(record.arrays["top"])
+
+
 def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) -> dict[int, EigenSeries]:
     """Per class, λmax and λmin over epochs: ``{class: (epochs, lambda_max, lambda_min)}``.
 
@@ -751,8 +754,8 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
         rows = sorted(((e, r) for (cc, e), r in newest.items() if cc == c), key=lambda row: row[0])
         table[c] = EigenSeries(
             epochs=np.array([e for e, _ in rows], dtype=np.int64),
-            lambda_max=np.array([_first_or_nan(r.arrays["top"]) for _, r in rows], dtype=np.float64),
-            lambda_min=np.array([_first_or_nan(r.arrays["bottom"]) for _, r in rows], dtype=np.float64),
+            lambda_max=np.array([lambda_extremes(r)[1] for _, r in rows], dtype=np.float64),
+            lambda_min=np.array([lambda_extremes(r)[0] for _, r in rows], dtype=np.float64),
         )
     return table
 

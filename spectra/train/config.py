@@ -135,9 +135,9 @@ class TrainConfig:
                 continue
             for item in value if isinstance(value, list) else [value]:
                 _check_range(name, item, low, low_open, high, high_open)
-        if len(self.lr_factors) != len(self.resolved_lr_milestones()):
-            raise ValueError("lr_factors and lr_milestones must have the same length")
         milestones = self.resolved_lr_milestones()
+        if len(self.lr_factors) != len(milestones):
+            raise ValueError("lr_factors and lr_milestones must have the same length")
         if milestones != sorted(milestones):  # the last milestone passed sets the rate: out of order, one is skipped
             raise ValueError(f"lr_milestones must be in increasing order; got {milestones}")
         if self.optimizer == "lpf" and self.batch_size % self.lpf_samples:
