@@ -16,9 +16,11 @@
 #              ce-drw,ce-drw-sam,ce-drw-pgd adds a run on another stream; with 3 runs use SNAP_EVERY=40, or the
 #              snapshot archives pass the 64 MiB that comes back),
 #              weights-only snapshots every 20 epochs (SNAP_EVERY) + epoch 1, back as fig*.tgz (≤ 16 MB each);
+#              FIG_ROWS=ce-drw-pgd,ce-drw-lpf trains table rows on more streams of the same process, without
+#              snapshots (their numbers in figure.tgz, their last.pt with the others' in last*.tgz);
 #              FIG_BUDGET seconds (default 480) then a clean stop; a second call resumes (like PART=table).
 #              Then spectra sweep of the snapshots into figure_spectra.h5 for SWEEP_BUDGET s (default 240);
-#              what is left, on any machine: unpack figure.tgz and fig*.tgz into .gpu/, copy figure_spectra.h5
+#              what is left, on any machine: unpack figure.tgz, fig*.tgz and last*.tgz into .gpu/, copy figure_spectra.h5
 #              beside them and run the same sweep on .gpu/figure/ce-drw .gpu/figure/ce-drw-sam (stored entries are
 #              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
 #   PART=compile  the Hessian benchmark with torch.compile alone (what EIG_COMPILE=1 adds to PART=eigs).
@@ -143,13 +145,14 @@ pack_parts "$TABLE" table ckpt 3 "$TABLE"/*/last.pt
 part_figure() {
 # Same pattern as part_table: runs in .figure-runs/ (git-ignored), seeded from a carried .gpu/figure/.
 # At most 8 files come back from $OUT: logs go into figure.tgz, snapshots 8 per archive (3 archives).
-local FIG=.figure-runs budget=${FIG_BUDGET:-480} methods=${FIG_METHODS:-ce-drw,ce-drw-sam}
+local FIG=.figure-runs budget=${FIG_BUDGET:-480} methods=${FIG_METHODS:-ce-drw,ce-drw-sam} rows=${FIG_ROWS:-}
 local resume; resume=$(runs_dir "$FIG" figure)
+local no_snapshots=""; for r in ${rows//,/ }; do no_snapshots+=" --save-every-for $r=$EPOCHS"; done
 mkdir -p "$FIG"
-echo "== $methods with snapshots every ${SNAP_EVERY:-20} epochs (budget ${budget}s) ${resume}"
+echo "== $methods with snapshots every ${SNAP_EVERY:-20} epochs${rows:+, $rows without} (budget ${budget}s) ${resume}"
 timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /tmp/data --out "$FIG" $resume \
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$budget" --eval-every ${EVAL_EVERY:-5} --save-every ${SNAP_EVERY:-20} \
-  --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods "$methods" \
+  --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods "$methods${rows:+,$rows}" $no_snapshots \
   $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$FIG/figure.log" 2>&1
 tail -8 "$FIG/figure.log"
 # The per-class extremes of the snapshots, for what time is left (SWEEP_BUDGET); the store commits entry by
@@ -160,9 +163,11 @@ timeout ${SWEEP_BUDGET:-240} python3 -m spectra sweep $(printf "$FIG/%s " ${meth
   $( [ "$DEVICE" = cuda ] && echo --cuda-graphs ) > "$FIG/figure_sweep.log" 2>&1
 tail -3 "$FIG/figure_sweep.log"; python3 -m spectra info "$FIG/figure_spectra.h5" 2>/dev/null | tail -3
 cp "$FIG/figure_spectra.h5" "$OUT/" 2>/dev/null  # not its .lock sidecar: at most 8 files come back
-# logs, metrics and last.pt (to resume) in one archive; the weights-only snapshots (1.9 MB each) 8 per archive
-tar czf "$OUT/figure.tgz" --exclude='ckpt_epoch*.pt' --exclude='figure_spectra.h5*' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
-pack_parts "$FIG" figure fig 8 "$FIG"/*/ckpt_epoch*.pt
+# logs and metrics in one archive; the weights-only snapshots of the figure's runs (1.9 MB each) 8 per
+# archive; every run's last.pt (3.7 MB with its momentum: resumes it) 3 per archive
+tar czf "$OUT/figure.tgz" --exclude='*.pt' --exclude='figure_spectra.h5*' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
+pack_parts "$FIG" figure fig 8 $(printf "$FIG/%s/ckpt_epoch*.pt " ${methods//,/ })
+pack_parts "$FIG" figure last 3 "$FIG"/*/last.pt
 }
 for part in ${PART//,/ }; do "part_$part"; done
 ls -la "$OUT"

@@ -54,7 +54,7 @@ T0 = time.time()
 def command(method: str, args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "spectra", "train", "--method", method, "--dataset", "cifar10-lt",
            "--data-root", args.data_root, "--out", str(out), "--epochs", str(args.epochs), "--seed", str(args.seed),
-           "--device", args.device, "--no-progress", "--eval-every", str(args.eval_every), "--save-every", str(args.save_every)]
+           "--device", args.device, "--no-progress", "--eval-every", str(args.eval_every), "--save-every", str(save_every(method, args))]
     if args.compile:
         cmd += ["--compile", args.compile]
     if args.amp:
@@ -70,6 +70,19 @@ def command(method: str, args: argparse.Namespace, out: Path) -> list[str]:
     return cmd
 
 
+def save_every(method: str, args: argparse.Namespace) -> int:
+    """The run's snapshot interval: its ``--save-every-for`` entry, else ``--save-every``."""
+    return dict(args.save_every_for).get(method, args.save_every)
+
+
+def method_interval(text: str) -> tuple[str, int]:
+    """argparse type of ``--save-every-for``: ``METHOD=N`` with N a positive integer."""
+    method, sep, value = text.partition("=")
+    if not sep or not method.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD=N, got {text!r}")
+    return method.strip(), positive(int)(value.strip())
+
+
 def build_configs(methods: list[str], args: argparse.Namespace) -> list:
     """The runs' TrainConfigs for the in-process modes."""
     from spectra.train import parse_override, resolve_config
@@ -79,7 +92,7 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
     for m in methods:
         configs.append(resolve_config(
             m, "cifar10-lt", data_root=args.data_root, epochs=args.epochs, seed=args.seed, device=args.device,
-            progress=False, eval_every=args.eval_every, save_every=args.save_every,
+            progress=False, eval_every=args.eval_every, save_every=save_every(m, args),
             max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples,
             time_limit_s=max(1.0, args.time_budget_s - MARGIN_S) if args.time_budget_s is not None else None,
             **({"compile": args.compile} if args.compile else {}), **({"amp": args.amp} if args.amp else {}), **overrides,
@@ -262,6 +275,9 @@ def check_runs(p: argparse.ArgumentParser, methods: list[str], args: argparse.Na
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    stray = [m for m, _ in args.save_every_for if m not in methods]
+    if stray:
+        p.error(f"--save-every-for names {', '.join(stray)}, not among --methods {', '.join(methods)}")
     try:
         build_configs(methods, args)
     except ValueError as exc:
@@ -286,6 +302,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=positive(int), default=1)
     p.add_argument("--save-every", type=positive(int), default=10)
+    p.add_argument("--save-every-for", type=method_interval, action="append", default=[], metavar="METHOD=N",
+                   help="this method's --save-every (e.g. ce-drw-pgd=200: no snapshots beside epoch 1 and the last)")
     p.add_argument("--max-train-samples", type=positive(int), default=None, help="dry runs: train on about N images")
     p.add_argument("--max-test-samples", type=positive(int), default=None, help="dry runs: evaluate on about N images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every run")

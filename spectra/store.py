@@ -515,6 +515,14 @@ class ResultsWriter:
     def keys(self) -> set[str]:
         return set(self._keys)
 
+    def read(self, key: str) -> ResultRecord | None:
+        """The committed entry named ``key`` (None when there is none)."""
+        if key not in self._keys:
+            return None
+        with self._open() as f:
+            group = f[ENTRIES][key]
+            return _read_group(group, _decode_attrs(group.attrs))
+
     def write(self, record: ResultRecord) -> str:
         """Commit ``record`` whole (temporary group → flush → rename); returns its key.
 

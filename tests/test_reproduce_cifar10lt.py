@@ -62,6 +62,9 @@ def test_existing_run_files_are_refused_without_resume(table, tmp_path):
     (["--time-budget-s", "nan"], "--time-budget-s: must be a finite number > 0"),
     (["--seed", "-1"], "seed must be >= 0"),
     (["--set", "rho=abc"], "rho=abc"),
+    (["--methods", "ce", "--save-every-for", "vs=5"], "--save-every-for names vs, not among --methods ce"),
+    (["--save-every-for", "ce=0"], "--save-every-for: must be a finite number > 0"),
+    (["--save-every-for", "ce"], "--save-every-for: expected METHOD=N"),
 ])
 def test_bad_arguments_are_refused_before_any_run_starts(table, tmp_path, monkeypatch, capsys, argv, message):
     out = tmp_path / "runs"
@@ -80,7 +83,20 @@ def test_the_child_command_keeps_every_given_limit(table):
     with pytest.raises(argparse.ArgumentTypeError):
         table.positive(float)("0")
     args = argparse.Namespace(data_root="D", epochs=1, seed=0, device="cpu", eval_every=1, save_every=1, compile=None,
-                              amp=None, max_train_samples=5, max_test_samples=None, time_budget_s=30.0, set=[])
+                              amp=None, max_train_samples=5, max_test_samples=None, time_budget_s=30.0, set=[],
+                              save_every_for=[("vs", 7)])
     cmd = table.command("ce", args, Path("x"))
     assert cmd[cmd.index("--max-train-samples") + 1] == "5" and cmd[cmd.index("--time-limit-s") + 1] == "5.0"
-    assert "--max-test-samples" not in cmd
+    assert "--max-test-samples" not in cmd and cmd[cmd.index("--save-every") + 1] == "1"
+    vs = table.command("vs", args, Path("y"))
+    assert vs[vs.index("--save-every") + 1] == "7"
+
+
+def test_save_every_for_sets_the_snapshot_interval_of_that_run_alone(table):
+    import argparse
+
+    args = argparse.Namespace(data_root="D", epochs=200, seed=0, device="cpu", eval_every=5, save_every=20, compile=None,
+                              amp=None, max_train_samples=None, max_test_samples=None, time_budget_s=None, set=[],
+                              save_every_for=[table.method_interval("ce-drw-pgd=200")])
+    configs = table.build_configs(["ce-drw", "ce-drw-pgd"], args)
+    assert [c.save_every for c in configs] == [20, 200]

@@ -152,12 +152,22 @@ class TrainConfig:
           after ``drw_epoch`` completed epochs, i.e. never). The default
           (``None``: 80 % of ``epochs``) is allowed, so 1- and 2-epoch checks of
           a DRW preset keep the recipe's shape: no re-weighting yet.
+        * An explicit learning-rate milestone ``>= epochs`` (its decay applies
+          after that epoch, i.e. never) or an explicit warm-up longer than the
+          run other than the default 5 epochs (kept for short checks).
         * An imbalance ratio or profile on a balanced data set (they shape the
           ``-lt`` train split only): a value other than the default (or ratio 1).
         """
         if self.drw and self.drw_epoch is not None and self.drw_epoch >= self.epochs:
             raise ValueError(f"drw_epoch {self.drw_epoch} >= epochs {self.epochs}: DRW would never switch on "
                              f"(it starts after drw_epoch completed epochs); use drw_epoch < {self.epochs}")
+        late = [m for m in self.lr_milestones or [] if m >= self.epochs]
+        if late:
+            raise ValueError(f"lr_milestones {', '.join(map(str, late))} >= epochs {self.epochs}: that decay would never "
+                             f"happen (the rate drops after the milestone epoch); use milestones < {self.epochs}")
+        if self.warmup_epochs > self.epochs and self.warmup_epochs != _DEFAULTS.warmup_epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} > epochs {self.epochs}: the run would end inside "
+                             f"its warm-up, never at the base learning rate; use warmup_epochs <= {self.epochs}")
         if not self.dataset.endswith("-lt"):
             if self.imbalance_ratio not in (1.0, _DEFAULTS.imbalance_ratio):
                 raise ValueError(f"imbalance_ratio {self.imbalance_ratio:g} applies to the -lt data sets only "

@@ -9,6 +9,8 @@ The records go into the run's results file (``runs/NAME/results.h5``) in the
 schema of ``spectra sweep``, under the same keys a sweep of that checkpoint
 with the same settings would use (``--max-samples K --tol 1e-3 --max-iter M``
 skips them), so ``spectra plot ratio runs/NAME/results.h5`` works directly.
+Classes already stored under their key (a probe cut by a kill and redone on
+``--resume``) are read back, not recomputed.
 The trainer also appends a compact line per probe to ``spectra.jsonl``
 (:meth:`PerClassSpectra.summary`), which holds ``|λmin/λmax|``, the paper's
 saddle indicator.
@@ -26,7 +28,8 @@ import torch
 from ..analysis import AnalysisError, AnalysisSettings, analyse_class
 from ..checkpoints import LoadedCheckpoint
 from ..class_data import DataCache, DataOptions
-from ..store import ResultRecord
+from .. import distributed as sd
+from ..store import ResultRecord, entry_key
 from ..sweep import open_writer_on_rank_zero
 
 __all__ = ["PerClassSpectra", "ProbeEvent", "RESULTS_FILE"]
@@ -84,9 +87,17 @@ class PerClassSpectra:
         tell = on_class or (lambda event: None)
         n = len(source.class_names)
         records = []
+        settings_hash = self.settings.settings_hash(identity)
         with open_writer_on_rank_zero(self.results) as writer:
             for c, name in enumerate(source.class_names):
                 tell(ProbeEvent(c, n, str(name), "start"))
+                # Stored already (a probe cut by a kill, redone on resume): the same checkpoint file and settings.
+                stored = sd.broadcast_from_writer(
+                    writer.read(entry_key(checkpoint.sha256, c, self.settings.kind, settings_hash)) if writer else None)
+                if stored is not None:
+                    records.append(stored)
+                    tell(ProbeEvent(c, n, str(name), "done", stored))
+                    continue
                 try:
                     data = self.cache.class_data(checkpoint, c)
                     record = analyse_class(checkpoint, data, self.settings, self.device, self.batch_size,

@@ -559,8 +559,9 @@ class Trainer:
                              "(last.pt, or a ckpt_epochNNNN.pt saved with snapshot_optimizer=true) resumes a run")
         saved = dict(ckpt["config"])
         mine = self.config.to_dict()
-        # Run-control settings may change on resume; the recipe may not.
-        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_batch_size", "save_every", "snapshot_optimizer",
+        # Run-control settings may change on resume; the recipe may not, nor the test subset (max_test_samples:
+        # the accuracies of one metrics log must stay comparable).
+        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_every", "eval_batch_size", "save_every", "snapshot_optimizer",
                 "spectra_every", "spectra_samples_per_class", "spectra_batch_size", "spectra_max_iter"}
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:

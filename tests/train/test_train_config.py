@@ -55,3 +55,18 @@ def test_lr_milestones_must_increase():
     with pytest.raises(ValueError, match=r"increasing order; got \[150, 100\]"):
         resolve_config("ce", lr_milestones=[150, 100])
     assert resolve_config("ce", lr_milestones=[100, 150]).resolved_lr_milestones() == [100, 150]
+
+
+def test_a_milestone_at_or_after_the_last_epoch_is_refused():
+    """The rate drops once epoch > milestone, so a milestone >= epochs never applies."""
+    with pytest.raises(ValueError, match=r"^lr_milestones 200, 250 >= epochs 200: that decay would never happen"):
+        resolve_config("ce", lr_milestones=[100, 200, 250], lr_factors=[0.1, 0.01, 0.001])
+    assert resolve_config("ce", epochs=20, lr_milestones=[10, 19]).resolved_lr_milestones() == [10, 19]
+    assert resolve_config("ce", epochs=3).resolved_lr_milestones() == [2, 3]  # scaled default: allowed for short checks
+
+
+def test_an_explicit_warm_up_longer_than_the_run_is_refused():
+    with pytest.raises(ValueError, match=r"^warmup_epochs 30 > epochs 20: the run would end inside its warm-up"):
+        resolve_config("ce", epochs=20, warmup_epochs=30)
+    assert resolve_config("ce", epochs=20, warmup_epochs=20).warmup_epochs == 20
+    assert resolve_config("ce", epochs=2).warmup_epochs == 5  # the default stays allowed for 1- and 2-epoch checks

@@ -6,7 +6,7 @@ The paper's code (LDAM-DRW lineage: ``cifar_train_sam.py``, ``losses.py``,
 train mode. The loop below re-implements that from the reference formulas,
 independently of ``spectra.train`` (losses, DRW weights, schedule, SAM step,
 input normalisation), feeds it the trainer's own batches and initial weights,
-and requires the same weights and BatchNorm statistics after 3 epochs: the
+and requires the same weights and BatchNorm statistics after 4 epochs: the
 whole step — not only its parts — equals the reference recipe. The network is
 ``smooth_net.SmoothNet`` (tanh: no ReLU kinks for rounding to flip, see there;
 LDAM runs get its cosine head, as the presets); the ResNet-32 itself is
@@ -24,7 +24,7 @@ from spectra.train import resolve_config
 from spectra.train.trainer import Trainer
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-EPOCHS, WARMUP, MILESTONES, DRW_EPOCH = 3, 2, (2, 3), 1
+EPOCHS, WARMUP, MILESTONES, DRW_EPOCH = 4, 2, (2, 3), 1  # epochs 3 and 4 use one decay factor each
 
 
 def reference_lr(epoch0: int) -> float:

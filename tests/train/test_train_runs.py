@@ -1,5 +1,6 @@
 """End-to-end: one epoch of every preset on a tiny synthetic CIFAR-10-LT,
 self-describing checkpoints, resume equality, CIFAR-100-LT code path, CLI."""
+import dataclasses
 import json
 
 import pytest
@@ -99,6 +100,21 @@ def test_resume_refuses_a_changed_recipe(cifar10_root, tmp_path):
     fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **TINY), tmp_path / "run", log=lambda m: None)
     with pytest.raises(ValueError, match="settings differ"):
         fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, lr=0.5, **TINY), tmp_path / "run", resume=True, log=lambda m: None)
+    with pytest.raises(ValueError, match="settings differ from the run in .*: max_test_samples"):
+        fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, **{**TINY, "max_test_samples": 7}), tmp_path / "run",
+            resume=True, log=lambda m: None)
+
+
+def test_resume_may_change_the_evaluation_interval(cifar10_root, tmp_path):
+    """Evaluations do not touch the weights: a run resumed with another eval_every ends where an uninterrupted one does."""
+    cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=4, eval_every=1, **TINY)
+    full = fit(cfg, tmp_path / "full", log=lambda m: None)
+    fit(dataclasses.replace(cfg, time_limit_s=1e-9), tmp_path / "run", log=lambda m: None)  # stops after epoch 1
+    resumed = fit(dataclasses.replace(cfg, eval_every=2), tmp_path / "run", resume=True, log=lambda m: None)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 4] and json.loads((tmp_path / "run" / "config.json").read_text())["eval_every"] == 2
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cifar100_lt_code_path_on_synthetic_files(tmp_path):
@@ -239,9 +255,10 @@ class _Killed(Exception):
     """Stands for a kill: raised from the log callback in the middle of the spectra probe."""
 
 
-def test_a_kill_inside_the_spectra_probe_is_completed_on_resume(cifar10_root, tmp_path):
+def test_a_kill_inside_the_spectra_probe_is_completed_on_resume(cifar10_root, tmp_path, monkeypatch):
     from collections import Counter
 
+    from spectra.analysis import analyse_class
     from spectra.store import read_results
 
     cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=2, spectra_every=1, spectra_samples_per_class=2,
@@ -258,9 +275,16 @@ def test_a_kill_inside_the_spectra_probe_is_completed_on_resume(cifar10_root, tm
     run = tmp_path / "run"
     with pytest.raises(_Killed):
         fit(cfg, run, log=killed_after_two_classes)
-    assert load_training_checkpoint(run / "last.pt")["epoch"] == 1 and len(read_results(run / "results.h5")) == 2
+    before = {r.key: r.provenance["created_utc"] for r in read_results(run / "results.h5")}
+    assert load_training_checkpoint(run / "last.pt")["epoch"] == 1 and len(before) == 2
     logs: list[str] = []
+    analysed = []
+    counted = lambda *a, **k: analysed.append(1) or analyse_class(*a, **k)  # noqa: E731
+    monkeypatch.setattr("spectra.train.spectra_probe.analyse_class", counted)
     resumed = fit(cfg, run, resume=True, log=logs.append)
+    assert len(analysed) == 8 + 10  # the 2 classes stored before the kill are read back, not recomputed
+    after = {r.key: r.provenance["created_utc"] for r in read_results(run / "results.h5")}
+    assert all(after[k] == t for k, t in before.items())
     assert any("spectra probe of epoch 1 did not finish" in m for m in logs), logs
     lines = [json.loads(line) for line in (run / "spectra.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2] and all(r["classes"] == list(range(10)) for r in lines)
