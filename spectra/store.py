@@ -11,7 +11,11 @@ JSON string, in the file's own root attribute ``schema_doc``)::
 
 ``<key>`` = ``{checkpoint sha256[:16]}_class{c:04d}_{kind}_{settings hash[:16]}``,
 so a result is identified by what was analysed and how; a rerun with the same
-settings finds its key and skips the work.
+settings finds its key and skips the work. A byte-identical checkpoint met in
+another run folder (a run started from a copy of another's checkpoint) is not
+recomputed: its run gets a copy of the entry, with that file's path, run and
+epoch, under ``<key>_in{folder hash[:8]}`` and ``alias_of = <key>``
+(:func:`alias_record`), so every run shows the epoch.
 
 Crash safety. An entry is written under ``/entries/.tmp-<key>``, flushed, then
 renamed to its key and flushed again; the file is open only while an entry is
@@ -36,6 +40,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -125,6 +130,8 @@ PROVENANCE: dict[str, str] = {
     "torch_version": "torch version that computed the entry",
     "wall_time_s": "wall-clock seconds of the computation",
     "created_utc": "ISO-8601 time the entry was written",
+    "alias_of": "only on copies: key of the entry this one repeats for a byte-identical checkpoint in another "
+                "run folder (checkpoint_path, run and epoch are this copy's)",
     "complete": "True once the entry is whole (set before the atomic rename)",
 }
 # Attributes that only some kinds carry.
@@ -161,7 +168,8 @@ def schema_doc() -> dict[str, Any]:
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "layout": "/entries/<key>: one group per result; key = "
-                  "{checkpoint_sha256[:16]}_class{class_index:04d}_{kind}_{settings_hash[:16]}; "
+                  "{checkpoint_sha256[:16]}_class{class_index:04d}_{kind}_{settings_hash[:16]}, with the suffix "
+                  "_in{sha256 of the checkpoint's folder[:8]} on copies (attribute alias_of); "
                   "groups named .tmp-* are uncommitted and must be ignored",
         "entry_attributes": PROVENANCE,
         "json_attributes": sorted(_JSON_ATTRS),
@@ -193,7 +201,8 @@ class ResultRecord:
     @property
     def key(self) -> str:
         p = self.provenance
-        return entry_key(p["checkpoint_sha256"], int(p["class_index"]), p["kind"], p["settings_hash"])
+        key = entry_key(p["checkpoint_sha256"], int(p["class_index"]), p["kind"], p["settings_hash"])
+        return alias_key(key, _folder_of(p)) if p.get("alias_of") else key
 
     @property
     def kind(self) -> str:
@@ -253,6 +262,22 @@ class EigenSeries(NamedTuple):
 def entry_key(checkpoint_sha256: str, class_index: int, kind: str, settings_hash: str) -> str:
     """Name of an entry's group: what was analysed and with which settings."""
     return f"{checkpoint_sha256[:16]}_class{int(class_index):04d}_{kind}_{settings_hash[:16]}"
+
+
+def alias_key(key: str, folder: str) -> str:
+    """Key of the copy of entry ``key`` for the checkpoint's twin in ``folder``."""
+    return f"{key}_in{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
+
+
+def alias_record(stored: ResultRecord, checkpoint_path: str, run: str, epoch: int) -> ResultRecord | None:
+    """The copy of ``stored`` for a byte-identical checkpoint at ``checkpoint_path``
+    (absolute), or None when ``stored`` already describes a file of that folder."""
+    if os.path.dirname(checkpoint_path) == stored.run_folder:
+        return None
+    provenance = dict(stored.provenance, checkpoint_path=checkpoint_path, run=run, epoch=int(epoch),
+                      alias_of=stored.provenance.get("alias_of") or stored.key)
+    provenance.pop("created_utc", None)
+    return ResultRecord(provenance=provenance, arrays=dict(stored.arrays))
 
 
 # ------------------------------------------------------------------ decoding
@@ -515,13 +540,28 @@ class ResultsWriter:
     def keys(self) -> set[str]:
         return set(self._keys)
 
-    def read(self, key: str) -> ResultRecord | None:
-        """The committed entry named ``key`` (None when there is none)."""
+    def read(self, key: str, arrays: bool = True) -> ResultRecord | None:
+        """The committed entry named ``key`` (None when there is none); its
+        provenance alone with ``arrays=False``."""
         if key not in self._keys:
             return None
         with self._open() as f:
             group = f[ENTRIES][key]
-            return _read_group(group, _decode_attrs(group.attrs))
+            provenance = _decode_attrs(group.attrs)
+            return _read_group(group, provenance) if arrays else ResultRecord(provenance=provenance)
+
+    def has_for(self, key: str, checkpoint_path: str, run: str, epoch: int) -> bool:
+        """True when entry ``key`` is stored. If it describes a byte-identical
+        checkpoint in another folder, that file's run first gets its copy
+        (:func:`alias_record`), unless it has one."""
+        stored = self.read(key, arrays=False)
+        if stored is None:
+            return False
+        if alias_record(stored, checkpoint_path, run, epoch) is not None:
+            copy = alias_record(self.read(key), checkpoint_path, run, epoch)
+            if copy is not None and not self.has(copy.key):
+                self.write(copy)
+        return True
 
     def write(self, record: ResultRecord) -> str:
         """Commit ``record`` whole (temporary group → flush → rename); returns its key.

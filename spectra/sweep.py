@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -32,7 +33,7 @@ from spectra import distributed as sd
 from spectra.analysis import AnalysisSettings, LoadOptions, analyse_class, resolve_device
 from spectra.checkpoints import CheckpointError, LoadedCheckpoint, first_line, load_checkpoint, read_checkpoint_epoch
 from spectra.class_data import AnalysisError, DataCache, DataOptions, resolve_classes
-from spectra.store import ResultRecord, ResultsWriter, entry_key
+from spectra.store import ResultRecord, ResultsWriter, StoreError, StoreWarning, entry_key
 
 __all__ = [
     "SPREADS",
@@ -250,7 +251,7 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
                 key = entry_key(checkpoint.sha256, c, kind, job.settings_hash(identity))
                 index += 1
                 event = SweepEvent(index, total, path, checkpoint.epoch, c, kind, "skipped")
-                if sd.broadcast_from_writer(writer is not None and writer.has(key)):
+                if sd.broadcast_from_writer(writer is not None and _stored(writer, key, checkpoint)):
                     summary.skipped += 1
                 else:
                     record, error = None, None
@@ -271,6 +272,16 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
                 if report:
                     report(event)
     return summary
+
+
+def _stored(writer: ResultsWriter, key: str, checkpoint: LoadedCheckpoint) -> bool:
+    """Whether the job is stored; a byte-identical checkpoint of another run gets that run a copy."""
+    path = checkpoint.path.resolve()
+    try:
+        return writer.has_for(key, str(path), path.parent.name, checkpoint.epoch)
+    except (OSError, ValueError, StoreError) as exc:  # the copy failed; the stored entry is intact
+        warnings.warn(f"{path}: could not copy the stored entry {key} for this run ({first_line(exc)})", StoreWarning)
+        return True
 
 
 def _store(writer: ResultsWriter | None, record: ResultRecord | None, summary: SweepSummary,
@@ -306,7 +317,7 @@ def _pending_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter, su
         for c in wanted:
             for kind in plan.kinds:
                 key = entry_key(checkpoint.sha256, c, kind, plan.settings.with_kind(kind).settings_hash(identity))
-                if writer.has(key):
+                if _stored(writer, key, checkpoint):
                     summary.skipped += 1
                     events.append(SweepEvent(0, 0, path, checkpoint.epoch, c, kind, "skipped"))
                 else:

@@ -54,6 +54,32 @@ def test_sweep_stores_every_checkpoint_and_class_then_resumes(env, tmp_path):
     assert len(store.read_results(out)) == 13
 
 
+def test_a_byte_identical_checkpoint_in_another_run_gets_that_run_a_copy(env, tmp_path):
+    """Entries are keyed by the file's SHA-256: a run started from a copy of another run's checkpoint
+    was skipped and its epoch was missing from that run's series."""
+    out = tmp_path / "results.h5"
+    twin = tmp_path / "finetune"
+    twin.mkdir()
+    (twin / "ckpt_epoch0002.pt").write_bytes(env["run"][1].read_bytes())
+    (twin / "ckpt_epoch0003.pt").write_bytes(env["run"][2].read_bytes())
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    settings = AnalysisSettings(tol=1e-4)
+    first = run_sweep([env["run"][1]], out, classes="0", settings=settings, data_options=opts)
+    both = run_sweep([twin, env["run"][1]], out, classes="0", settings=settings, data_options=opts)
+    assert (first.computed, both.computed, both.skipped) == (1, 1, 2)  # epoch 3 computed once, for the twin
+    records = store.read_results(out)
+    by_run = {(r.run, r.epoch): r for r in records}
+    assert sorted(by_run) == [("finetune", 2), ("finetune", 3), (env["run"][0].parent.name, 2)]
+    copy, original = by_run["finetune", 2], by_run[env["run"][0].parent.name, 2]
+    assert copy.provenance["alias_of"] == original.key and copy.key == store.alias_key(original.key, str(twin.resolve()))
+    assert copy.provenance["checkpoint_path"] == str((twin / "ckpt_epoch0002.pt").resolve())
+    np.testing.assert_array_equal(copy.arrays["top"], original.arrays["top"])
+    np.testing.assert_array_equal(store.eigen_table(out, "finetune")[0].epochs, [2, 3])
+    again = run_sweep([twin, env["run"][0].parent], out, classes="0", settings=settings, data_options=opts)
+    assert (again.computed, again.skipped) == (1, 4) and len(store.read_results(out)) == 5  # + epochs 1 and 3 of the run
+    assert sum("alias_of" in r.provenance for r in store.read_results(out)) == 2  # epoch 3 of the run copies the twin's
+
+
 def test_sweep_reports_failures_and_continues(env, tmp_path):
     out = tmp_path / "results.h5"
     opts = DataOptions(dataset="cifar10-lt", root=str(env["root"]), device="cpu")
