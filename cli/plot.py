@@ -54,13 +54,15 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
               help="Class: an index, a name, a comma-separated list or 'all' (one curve each).")
 @click.option("--epoch", "epochs", type=int, multiple=True, required=True,
               help="Epoch of the checkpoint (repeat to overlay several).")
-@click.option("--run", default=None, help=f"Run when the file holds several: {_RUN_HELP}.")
+@click.option("--run", "runs", multiple=True,
+              help=f"Run when the file holds several (repeat to overlay runs, e.g. ce-drw and ce-drw-sam): {_RUN_HELP}.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
 @handle_errors
-def density(results: str, class_spec: str, epochs: tuple[int, ...], run: str | None, output: str) -> None:
-    """Spectral density of classes at epochs (log scale), one curve each; with
-    λmin/λmax when one class at one epoch is shown and an eigs entry of the same
-    Hessian exists (same checkpoint, class, samples, --params, --loss, --dtype)."""
+def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[str, ...], output: str) -> None:
+    """Spectral density of classes at epochs (of runs) (log scale), one curve each;
+    with λmin/λmax when one class at one epoch of one run is shown and an eigs
+    entry of the same Hessian exists (same checkpoint, class, samples, --params,
+    --loss, --dtype)."""
     target = image_path(output)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
@@ -68,7 +70,7 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], run: str | N
         classes = sorted({r.class_index for r in store.read_results(results, kind="density") if r.epoch in epochs})
     else:
         classes = resolve_classes(class_spec, ordered)
-    records = [store.density_record(results, c, e, run=run) for c in classes for e in epochs]
+    records = [store.density_record(results, c, e, run=run) for run in (runs or (None,)) for c in classes for e in epochs]
     runs = [store.run_of(results, r) for r in records]
     labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"
               for run_, r in zip(runs, records)]

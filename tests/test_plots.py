@@ -173,6 +173,23 @@ def test_cli_density_only_file(tmp_path, captured_plots):
                     r"no density entry for class 1 at epoch 3")
 
 
+def test_cli_density_overlays_runs(tmp_path, captured_plots):
+    """The paper's comparison: one class at one epoch, CE+DRW against CE+DRW+SAM, in one figure."""
+    path = tmp_path / "d.h5"
+    with ResultsWriter(path) as w:
+        for run, top in (("ce-drw", 9.0), ("ce-drw-sam", 4.0)):
+            w.write(make_record(200, 2, top, -1.0, kind="density", run=run))
+            w.write(make_record(200, 2, top, -1.0, kind="eigs", run=run))
+    res = _cli("plot", "density", path, "--class", "2", "--epoch", "200", "--run", "ce-drw", "--run", "ce-drw-sam",
+               "-o", tmp_path / "d.png")
+    assert res.exit_code == 0, res.output
+    args, kwargs, _ = captured_plots["density"][-1]
+    assert [r.run for r in args[0]] == ["ce-drw", "ce-drw-sam"] and [r.arrays["grid"][-1] for r in args[0]] == [9.0, 4.0]
+    assert kwargs["labels"][0].startswith("ce-drw epoch 200") and kwargs["extremes"] is None  # two runs: no single λ pair
+    _one_error_line(_cli("plot", "density", path, "--class", "2", "--epoch", "200", "--run", "ce-drw", "--run", "vs",
+                         "-o", tmp_path / "x.png"), r"vs")
+
+
 def test_cli_ratio_with_missing_ends_and_output_paths(tmp_path, captured_plots):
     path = tmp_path / "e.h5"
     with ResultsWriter(path) as w:
