@@ -269,11 +269,9 @@ def alias_key(key: str, folder: str) -> str:
     return f"{key}_in{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
 
 
-def alias_record(stored: ResultRecord, checkpoint_path: str, run: str, epoch: int) -> ResultRecord | None:
+def alias_record(stored: ResultRecord, checkpoint_path: str, run: str, epoch: int) -> ResultRecord:
     """The copy of ``stored`` for a byte-identical checkpoint at ``checkpoint_path``
-    (absolute), or None when ``stored`` already describes a file of that folder."""
-    if os.path.dirname(checkpoint_path) == stored.run_folder:
-        return None
+    (absolute) in another folder, of training run ``run`` at ``epoch``."""
     provenance = dict(stored.provenance, checkpoint_path=checkpoint_path, run=run, epoch=int(epoch),
                       alias_of=stored.provenance.get("alias_of") or stored.key)
     provenance.pop("created_utc", None)
@@ -557,10 +555,9 @@ class ResultsWriter:
         stored = self.read(key, arrays=False)
         if stored is None:
             return False
-        if alias_record(stored, checkpoint_path, run, epoch) is not None:
-            copy = alias_record(self.read(key), checkpoint_path, run, epoch)
-            if copy is not None and not self.has(copy.key):
-                self.write(copy)
+        folder = os.path.dirname(checkpoint_path)
+        if folder != stored.run_folder and not self.has(alias_key(key, folder)):
+            self.write(alias_record(self.read(key), checkpoint_path, run, epoch))
         return True
 
     def write(self, record: ResultRecord) -> str:
