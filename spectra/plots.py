@@ -181,8 +181,8 @@ def plot_density(
 
     ``extremes``: (λmin, λmax) from an ``eigs`` entry, drawn as dashed lines
     (a NaN end, not stored, is left out). ``labels``: legend text per record
-    (default: run, epoch and class from the provenance). The density is
-    floored at 1e-10 × its peak so the log axis stays readable.
+    (default: run, epoch and class from the provenance). The densities are
+    floored at 1e-10 × the highest peak so the log axis stays readable.
     """
     items = [records] if isinstance(records, ResultRecord) else list(records)
     if not items:
@@ -191,9 +191,10 @@ def plot_density(
         raise ValueError(f"{len(labels)} labels for {len(items)} density entries")
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
+    # One floor for all curves, so that overlaid densities share their baseline.
+    floor = max(max(float(rec.arrays["values"].max()) for rec in items), 1e-300) * 1e-10
     for i, rec in enumerate(items):
         grid, values = rec.arrays["grid"], rec.arrays["values"]
-        floor = max(float(values.max()), 1e-300) * 1e-10
         p = rec.provenance
         label = labels[i] if labels is not None else (
             f"{p.get('run', '')} epoch {p.get('epoch')}, class {p.get('class_index')} ({p.get('class_name', '')})")
