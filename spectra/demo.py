@@ -128,6 +128,8 @@ class DemoConfig:
     def validate(self) -> None:
         if not 1 <= self.drw_epoch < self.epochs:
             raise DemoError(f"drw_epoch must be in [1, epochs); got {self.drw_epoch} with {self.epochs} epochs")
+        if not 1 <= self.lr_decay_epoch < self.epochs:  # the rate drops after it: at the last epoch or later, never
+            raise DemoError(f"lr_decay_epoch must be in [1, epochs); got {self.lr_decay_epoch} with {self.epochs} epochs")
         bad = [e for e in self.sweep_epochs if not 1 <= e <= self.epochs]
         if bad or not self.sweep_epochs:
             raise DemoError(f"sweep_epochs must be within 1..{self.epochs}; got {list(self.sweep_epochs)}")
