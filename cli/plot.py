@@ -70,7 +70,8 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[
         classes = sorted({r.class_index for r in store.read_results(results, kind="density") if r.epoch in epochs})
     else:
         classes = resolve_classes(class_spec, ordered)
-    records = [store.density_record(results, c, e, run=run) for run in (runs or (None,)) for c in classes for e in epochs]
+    chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs)) or [None]  # a run given twice: once
+    records = [store.density_record(results, c, e, run=run) for run in chosen for c in classes for e in epochs]
     runs = [store.run_of(results, r) for r in records]
     labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"
               for run_, r in zip(runs, records)]

@@ -186,6 +186,9 @@ def test_cli_density_overlays_runs(tmp_path, captured_plots):
     args, kwargs, _ = captured_plots["density"][-1]
     assert [r.run for r in args[0]] == ["ce-drw", "ce-drw-sam"] and [r.arrays["grid"][-1] for r in args[0]] == [9.0, 4.0]
     assert kwargs["labels"][0].startswith("ce-drw epoch 200") and kwargs["extremes"] is None  # two runs: no single λ pair
+    res = _cli("plot", "density", path, "--class", "2", "--epoch", "200", "--run", "ce-drw", "--run", "ce-drw",
+               "-o", tmp_path / "d.png")
+    assert res.exit_code == 0 and [r.run for r in captured_plots["density"][-1][0][0]] == ["ce-drw"]
     _one_error_line(_cli("plot", "density", path, "--class", "2", "--epoch", "200", "--run", "ce-drw", "--run", "vs",
                          "-o", tmp_path / "x.png"), r"vs")
 
