@@ -23,6 +23,9 @@
 #              what is left, on any machine: unpack figure.tgz, fig*.tgz and last*.tgz into .gpu/, copy figure_spectra.h5
 #              beside them and run the same sweep on .gpu/figure/ce-drw .gpu/figure/ce-drw-sam (stored entries are
 #              skipped: keys are checkpoint SHA-256 + settings, not paths or devices).
+#   PART=jpeg  what one more JPEG pass costs at full scale (the table's accuracy gap, REPRODUCTION.md): CE for 200
+#              epochs on the JPEG copy and on copies re-encoded at JPEG_QUALITIES (default "50 30"), one process each,
+#              JPEG_BUDGET s each (default 300); metrics back in jpeg.tgz; ≈ 6 min on an H200.
 #   PART=compile  the Hessian benchmark with torch.compile alone (what EIG_COMPILE=1 adds to PART=eigs).
 #   PART=levers  TF32 products (fast mode) and fp32 blocks of 1 and 2 for every class (EIG_CKPT, REF_JSON), ≈ 5 min.
 #   PART=trainspeed  training speed alone: fp32 eager / graphs / inductor+graphs, 8 on streams, channels_last,
@@ -117,6 +120,27 @@ for mode in off graphs; do
   python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
     ".gpucheck/ce-$mode/summary.json" "$mode" 2>/dev/null || tail -3 "$OUT/gpucheck_$mode.log"
 done
+}
+part_jpeg() {
+local budget=${JPEG_BUDGET:-300} qualities=${JPEG_QUALITIES:-50 30} J=.jpeg-runs
+mkdir -p "$J"
+for q in $qualities; do  # ≈ 20 s each (Pillow, 60,000 images)
+  [ -d "/tmp/data_q$q" ] || python3 benchmarks/jpeg_reencode.py --data-root /tmp/data --quality "$q" --out "/tmp/data_q$q" | tee "$J/reencode_q$q.json"
+done
+echo "== CE on the JPEG copy and on re-encoded copies (${qualities}), one process each (budget ${budget}s)"
+for q in shipped $qualities; do
+  root=/tmp/data; [ "$q" = shipped ] || root="/tmp/data_q$q"
+  timeout $((budget + 40)) python3 -m spectra train --method ce --dataset cifar10-lt --data-root "$root" --out "$J/ce-$q" \
+    $( [ -f "$J/ce-$q/last.pt" ] && echo --resume ) --epochs $EPOCHS --eval-every ${EVAL_EVERY:-5} --device "$DEVICE" \
+    --no-progress --time-limit-s "$budget" $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 --max-test-samples 500 ) \
+    > "$J/ce-$q.log" 2>&1 &
+done
+wait
+for q in shipped $qualities; do
+  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
+    "$J/ce-$q/summary.json" "$q" 2>/dev/null || tail -3 "$J/ce-$q.log"
+done
+tar czf "$OUT/jpeg.tgz" --exclude='*.pt' "$J" 2>/dev/null
 }
 # Shared by part_table and part_figure. runs_dir DIR NAME: the runs live in DIR (git-ignored, so a warm
 # machine keeps them between calls), seeded from a carried .gpu/NAME; prints --resume when there are runs.
