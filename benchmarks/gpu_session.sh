@@ -178,7 +178,9 @@ timeout $((budget + 30)) python3 benchmarks/reproduce_cifar10lt.py --data-root /
   --epochs $EPOCHS --device "$DEVICE" --time-budget-s "$budget" --eval-every ${EVAL_EVERY:-5} --save-every ${SNAP_EVERY:-20} \
   --mode ${TABLE_MODE:-auto} --set snapshot_optimizer=false --methods "$methods${rows:+,$rows}" $no_snapshots \
   $( [ "$SMALL" = 1 ] && echo --max-train-samples 256 ) > "$FIG/figure.log" 2>&1
+local rc=$?
 tail -8 "$FIG/figure.log"
+[ $rc = 2 ] && { echo "== refused (see above): nothing trained"; return; }
 # The per-class extremes of the snapshots, for what time is left (SWEEP_BUDGET); the store commits entry by
 # entry, so a sweep cut off here is finished elsewhere with the same command (stored entries are skipped).
 echo "== per-class λmax/λmin of the snapshots (budget ${SWEEP_BUDGET:-240}s)"
@@ -190,7 +192,11 @@ cp "$FIG/figure_spectra.h5" "$OUT/" 2>/dev/null  # not its .lock sidecar: at mos
 # logs and metrics in one archive; the weights-only snapshots of the figure's runs (1.9 MB each) 8 per
 # archive; every run's last.pt (3.7 MB with its momentum: resumes it) 3 per archive
 tar czf "$OUT/figure.tgz" --exclude='*.pt' --exclude='figure_spectra.h5*' --transform "s|^$FIG|figure|" "$FIG" 2>/dev/null
-pack_parts "$FIG" figure fig 8 $(printf "$FIG/%s/ckpt_epoch*.pt " ${methods//,/ })
+# Only the grid (epoch 1 and every SNAP_EVERY-th): a run stopped by the budget also keeps its stop epoch, and
+# with those the snapshots would need a fourth archive, one file more than can come back.
+pack_parts "$FIG" figure fig 8 $(for f in $(printf "$FIG/%s/ckpt_epoch*.pt " ${methods//,/ }); do
+  [ -e "$f" ] || continue; e=$(basename "$f" .pt); e=$((10#${e#ckpt_epoch}))
+  { [ $e = 1 ] || [ $((e % ${SNAP_EVERY:-20})) = 0 ]; } && echo "$f"; done)
 pack_parts "$FIG" figure last 3 "$FIG"/*/last.pt
 }
 for part in ${PART//,/ }; do "part_$part"; done

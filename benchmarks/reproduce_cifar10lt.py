@@ -78,8 +78,8 @@ def save_every(method: str, args: argparse.Namespace) -> int:
 def method_interval(text: str) -> tuple[str, int]:
     """argparse type of ``--save-every-for``: ``METHOD=N`` with N a positive integer."""
     method, sep, value = text.partition("=")
-    if not sep or not method.strip():
-        raise argparse.ArgumentTypeError(f"expected METHOD=N, got {text!r}")
+    if not sep or not method.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD=N with N a positive integer, got {text!r}")
     return method.strip(), positive(int)(value.strip())
 
 
@@ -91,7 +91,7 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
     configs = []
     for m in methods:
         configs.append(resolve_config(
-            m, "cifar10-lt", data_root=args.data_root, epochs=args.epochs, seed=args.seed, device=args.device,
+            m, "cifar10-lt", new_run=not args.resume, data_root=args.data_root, epochs=args.epochs, seed=args.seed, device=args.device,
             progress=False, eval_every=args.eval_every, save_every=save_every(m, args),
             max_train_samples=args.max_train_samples, max_test_samples=args.max_test_samples,
             time_limit_s=max(1.0, args.time_budget_s - MARGIN_S) if args.time_budget_s is not None else None,
@@ -275,9 +275,16 @@ def check_runs(p: argparse.ArgumentParser, methods: list[str], args: argparse.Na
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:  # two runs would train into one folder
+        p.error(f"--methods lists {', '.join(twice)} more than once")
     stray = [m for m, _ in args.save_every_for if m not in methods]
     if stray:
         p.error(f"--save-every-for names {', '.join(stray)}, not among --methods {', '.join(methods)}")
+    named = [m for m, _ in args.save_every_for]
+    again = sorted({m for m in named if named.count(m) > 1})
+    if again:
+        p.error(f"--save-every-for gives {', '.join(again)} more than once")
     try:
         build_configs(methods, args)
     except ValueError as exc:

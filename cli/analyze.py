@@ -309,9 +309,11 @@ def _sweep_and_report(paths: tuple[str, ...], out: str, classes: str, kinds: lis
     finally:
         bar.close()
     if as_json:
-        emit_json({"out": out, "computed": summary.computed, "skipped": summary.skipped, "failed": summary.failed})
+        emit_json({"out": out, "computed": summary.computed, "skipped": summary.skipped, "copied": summary.copied,
+                   "failed": summary.failed})
     else:
-        click.echo(f"{out}: computed {summary.computed}, skipped {summary.skipped} (already stored), "
+        copied = f", copied {summary.copied} (byte-identical checkpoints of other runs)" if summary.copied else ""
+        click.echo(f"{out}: computed {summary.computed}, skipped {summary.skipped} (already stored){copied}, "
                    f"failed {len(summary.failed)}")
     if summary.failed:
         raise click.ClickException(f"{len(summary.failed)} job(s) failed; first: {summary.failed[0]}")

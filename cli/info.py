@@ -52,7 +52,8 @@ def info(results: str, as_json: bool) -> None:
         result, quality = _summary(r)
         rows.append([run_label[r.run_key], r.epoch, f"{r.class_index} {p.get('class_name', '')}", r.kind, p.get("num_samples"),
                      fmt(float(p.get("loss", float("nan")))), result, quality, p.get("dtype"),
-                     str(p.get("settings_hash", ""))[:8], f"{float(p.get('wall_time_s', 0.0)):.1f}s"])
+                     str(p.get("settings_hash", ""))[:8],
+                     "copy" if p.get("alias_of") else f"{float(p.get('wall_time_s', 0.0)):.1f}s"])
     if rows:
         click.echo(format_table(["run", "epoch", "class", "kind", "n", "loss", "result", "quality", "dtype",
                                  "settings", "time"], rows))

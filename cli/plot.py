@@ -66,11 +66,18 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[
     target = image_path(output)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
-    if class_spec.strip().lower() == "all":  # every class that has a density entry at those epochs
-        classes = sorted({r.class_index for r in store.read_results(results, kind="density") if r.epoch in epochs})
+    found = [store.find_run(results, run) for run in runs]
+    chosen = list(dict.fromkeys(run.label for run in found)) or [None]  # a run given twice: once
+    if class_spec.strip().lower() == "all":  # the classes with a density entry at those epochs in every chosen run
+        keys = {run.key for run in found}
+        per_run: dict = {}
+        for r in store.read_results(results, kind="density"):
+            if not keys or r.run_key in keys:
+                per_run.setdefault(r.run_key, {}).setdefault(r.epoch, set()).add(r.class_index)
+        classes = sorted(set.intersection(*[by_epoch.get(e, set()) for by_epoch in per_run.values() for e in epochs])
+                         if per_run else set())
     else:
         classes = resolve_classes(class_spec, ordered)
-    chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs)) or [None]  # a run given twice: once
     records = [store.density_record(results, c, e, run=run) for run in chosen for c in classes for e in epochs]
     runs = [store.run_of(results, r) for r in records]
     labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"

@@ -68,7 +68,7 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     out = Path(out_dir)
     try:
         settings, explicit = _settings(click.get_current_context(), options, overrides)
-        config = resolve_config(method, dataset, **settings)
+        config = resolve_config(method, dataset, new_run=not resume, **settings)
         _refuse_settings_without_effect(config, explicit)
         if not resume:  # before a download; fit checks it again (the library's own guard)
             check_out_dir_is_free(out)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import spectra
-from spectra.checkpoints import LoadedCheckpoint, first_line, load_checkpoint
+from spectra.checkpoints import LoadedCheckpoint, first_line, load_checkpoint, located
 from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
 from spectra.store import ResultRecord
 from spectra.trace import MIN_PROBES
@@ -221,7 +221,7 @@ def resolve_device(name: str | None) -> torch.device:
 
 # ----------------------------------------------------------------------- jobs
 def _run_name(path: Path) -> str:
-    return path.resolve().parent.name
+    return located(path).parent.name
 
 
 def analyse_class(

@@ -45,6 +45,7 @@ __all__ = [
     "LoadedCheckpoint",
     "STATE_DICT_KEYS",
     "file_sha256",
+    "located",
     "epoch_from_filename",
     "read_checkpoint_epoch",
     "load_checkpoint",
@@ -105,7 +106,7 @@ class LoadedCheckpoint:
     def provenance(self) -> dict[str, Any]:
         """JSON-able description (everything but the model itself)."""
         return {
-            "checkpoint_path": str(self.path.resolve()),
+            "checkpoint_path": str(located(self.path)),
             "checkpoint_sha256": self.sha256,
             "checkpoint_format": self.format,
             "epoch": self.epoch,
@@ -117,6 +118,14 @@ class LoadedCheckpoint:
 
 
 # ------------------------------------------------------------------ helpers
+def located(path: str | os.PathLike[str]) -> Path:
+    """Absolute path of a checkpoint in the folder it was found in: the folder is
+    resolved (a symlinked run folder is its target), the file is not (a symlink
+    to another run's checkpoint belongs to the folder that holds the link)."""
+    path = Path(path)
+    return path.absolute().parent.resolve() / path.name
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes (identifies a checkpoint in the results store)."""
     h = hashlib.sha256()

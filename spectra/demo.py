@@ -130,6 +130,8 @@ class DemoConfig:
             raise DemoError(f"drw_epoch must be in [1, epochs); got {self.drw_epoch} with {self.epochs} epochs")
         if not 1 <= self.lr_decay_epoch < self.epochs:  # the rate drops after it: at the last epoch or later, never
             raise DemoError(f"lr_decay_epoch must be in [1, epochs); got {self.lr_decay_epoch} with {self.epochs} epochs")
+        if not 0 <= self.warmup_epochs < self.epochs:  # a warm-up over the whole run would hide the decay
+            raise DemoError(f"warmup_epochs must be in [0, epochs); got {self.warmup_epochs} with {self.epochs} epochs")
         bad = [e for e in self.sweep_epochs if not 1 <= e <= self.epochs]
         if bad or not self.sweep_epochs:
             raise DemoError(f"sweep_epochs must be within 1..{self.epochs}; got {list(self.sweep_epochs)}")

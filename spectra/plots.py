@@ -219,6 +219,7 @@ def _density_title(items: Sequence[ResultRecord]) -> str:
     classes = sorted({r.class_index for r in items})
     first = items[0].provenance
     if len(classes) == 1:
+        counts = list(dict.fromkeys(str(r.provenance.get("num_samples")) for r in items))  # may differ between runs
         return (f"Hessian spectral density — class {first.get('class_index')} ({first.get('class_name', '')}), "
-                f"{first.get('num_samples')} samples")
+                f"{' / '.join(counts)} samples")
     return "Hessian spectral density — classes " + ", ".join(str(c) for c in classes)

@@ -12,10 +12,12 @@ JSON string, in the file's own root attribute ``schema_doc``)::
 ``<key>`` = ``{checkpoint sha256[:16]}_class{c:04d}_{kind}_{settings hash[:16]}``,
 so a result is identified by what was analysed and how; a rerun with the same
 settings finds its key and skips the work. A byte-identical checkpoint met in
-another run folder (a run started from a copy of another's checkpoint) is not
-recomputed: its run gets a copy of the entry, with that file's path, run and
-epoch, under ``<key>_in{folder hash[:8]}`` and ``alias_of = <key>``
-(:func:`alias_record`), so every run shows the epoch.
+another run folder while the stored entry's own file still holds those bytes
+(a run started from a copy of another's checkpoint) is not recomputed: its run
+gets a copy of the entry, with that file's path, run and epoch, under
+``<key>_in{folder hash[:8]}`` and ``alias_of = <key>`` (:func:`alias_record`),
+so every run shows the epoch. A folder that was moved or comes from another
+machine (the stored file is gone) is the same run: nothing is copied.
 
 Crash safety. An entry is written under ``/entries/.tmp-<key>``, flushed, then
 renamed to its key and flushed again; the file is open only while an entry is
@@ -40,6 +42,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -53,7 +56,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import h5py
 import numpy as np
 
-from spectra.checkpoints import first_line
+from spectra.checkpoints import file_sha256, first_line
 
 __all__ = [
     "SCHEMA",
@@ -264,8 +267,26 @@ def entry_key(checkpoint_sha256: str, class_index: int, kind: str, settings_hash
     return f"{checkpoint_sha256[:16]}_class{int(class_index):04d}_{kind}_{settings_hash[:16]}"
 
 
+def _origin(provenance: dict[str, Any]) -> tuple[str, str]:
+    return str(provenance.get("checkpoint_path", "") or ""), str(provenance.get("checkpoint_sha256", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _sha_of(path: str, mtime_ns: int, size: int) -> str:
+    return file_sha256(path)
+
+
+def _holds(path: str, sha: str) -> bool:
+    """Whether the file at ``path`` exists and has SHA-256 ``sha`` (hashed once per file version)."""
+    try:
+        st = os.stat(path)
+        return os.path.isfile(path) and _sha_of(path, st.st_mtime_ns, st.st_size) == sha
+    except OSError:
+        return False
+
+
 def alias_key(key: str, folder: str) -> str:
-    """Key of the copy of entry ``key`` for the checkpoint's twin in ``folder``."""
+    """Key of the copy of entry ``key`` for the checkpoint's twin in ``folder`` (absolute, resolved)."""
     return f"{key}_in{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
 
 
@@ -452,6 +473,8 @@ class ResultsWriter:
         self.open_retry_s = open_retry_s
         self._lock_fd: int | None = None
         self._keys: set[str] = set()
+        # (checkpoint_path, checkpoint_sha256) of every committed entry: copies are decided without reading the file
+        self._origins: dict[str, tuple[str, str]] = {}
         self._acquire_lock()
         try:
             self._prepare_file()
@@ -513,7 +536,9 @@ class ResultsWriter:
             with self._open() as f:
                 _check_schema(f, self.path)
                 try:
-                    self._keys = {name for name, _, _ in _committed(f, self.path, _refuse_damaged(self.path))}
+                    self._origins = {name: _origin(provenance)
+                                     for name, _, provenance in _committed(f, self.path, _refuse_damaged(self.path))}
+                    self._keys = set(self._origins)
                     entries = _entries_group(f, self.path)
                     for name in [n for n in (entries or []) if n.startswith(_TMP_PREFIX)]:
                         del entries[name]  # left by a killed writer
@@ -548,17 +573,25 @@ class ResultsWriter:
             provenance = _decode_attrs(group.attrs)
             return _read_group(group, provenance) if arrays else ResultRecord(provenance=provenance)
 
-    def has_for(self, key: str, checkpoint_path: str, run: str, epoch: int) -> bool:
-        """True when entry ``key`` is stored. If it describes a byte-identical
-        checkpoint in another folder, that file's run first gets its copy
-        (:func:`alias_record`), unless it has one."""
-        stored = self.read(key, arrays=False)
-        if stored is None:
-            return False
-        folder = os.path.dirname(checkpoint_path)
-        if folder != stored.run_folder and not self.has(alias_key(key, folder)):
-            self.write(alias_record(self.read(key), checkpoint_path, run, epoch))
-        return True
+    def stored_for(self, key: str, checkpoint_path: str, run: str, epoch: int) -> str | None:
+        """Whether the job of entry ``key`` for the checkpoint at ``checkpoint_path``
+        is done: None (not stored), ``"stored"``, or ``"copied"`` — the entry
+        describes a byte-identical checkpoint in another folder that still holds
+        it, and the run of ``checkpoint_path`` has just got its copy
+        (:func:`alias_record`)."""
+        if key not in self._keys:
+            return None
+        path = os.path.abspath(checkpoint_path)
+        folder = os.path.dirname(path)
+        if self._twin_elsewhere(key, folder) and not self.has(alias_key(key, folder)):
+            self.write(alias_record(self.read(key), path, run, epoch))
+            return "copied"
+        return "stored"
+
+    def _twin_elsewhere(self, key: str, folder: str) -> bool:
+        """Entry ``key`` describes a file outside ``folder`` that still holds its bytes."""
+        path, sha = self._origins.get(key, ("", ""))
+        return bool(path) and os.path.dirname(path) != folder and _holds(path, sha)
 
     def write(self, record: ResultRecord) -> str:
         """Commit ``record`` whole (temporary group → flush → rename); returns its key.
@@ -568,6 +601,10 @@ class ResultsWriter:
         if self._lock_fd is None:
             raise StoreError(f"writer of {self.path} is closed")
         key = record.key
+        # Another run's entry under this key (a byte-identical checkpoint it still holds): keep it, store a copy.
+        if not record.provenance.get("alias_of") and self._twin_elsewhere(key, record.run_folder):
+            record = ResultRecord(dict(record.provenance, alias_of=key), record.arrays)
+            key = record.key
         tmp = f"{_TMP_PREFIX}{key}"
         with self._open() as f:
             entries = f.require_group(ENTRIES)
@@ -590,6 +627,7 @@ class ResultsWriter:
             f.move(f"{ENTRIES}/{tmp}", f"{ENTRIES}/{key}")
             f.flush()
         self._keys.add(key)
+        self._origins[key] = _origin(record.provenance)
         return key
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -31,9 +30,9 @@ import torch
 
 from spectra import distributed as sd
 from spectra.analysis import AnalysisSettings, LoadOptions, analyse_class, resolve_device
-from spectra.checkpoints import CheckpointError, LoadedCheckpoint, first_line, load_checkpoint, read_checkpoint_epoch
+from spectra.checkpoints import CheckpointError, LoadedCheckpoint, first_line, load_checkpoint, located, read_checkpoint_epoch
 from spectra.class_data import AnalysisError, DataCache, DataOptions, resolve_classes
-from spectra.store import ResultRecord, ResultsWriter, StoreError, StoreWarning, entry_key
+from spectra.store import ResultRecord, ResultsWriter, StoreError, entry_key
 
 __all__ = [
     "SPREADS",
@@ -80,7 +79,9 @@ def expand_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             raise FileNotFoundError(f"checkpoint not found: {path}")
     unique = list(dict.fromkeys(files))
     epochs = {p: read_checkpoint_epoch(p) for p in unique}
-    return sorted(unique, key=lambda p: (str(p.resolve().parent), epochs[p], p.name))
+    # Unknown epochs (-1: e.g. a plain state dict named last.pt) after the numbered ones, so that of two
+    # identical files in a folder the one whose name gives the epoch is analysed, the other skipped.
+    return sorted(unique, key=lambda p: (str(located(p).parent), epochs[p] < 0, epochs[p], p.name))
 
 
 @dataclass
@@ -100,9 +101,13 @@ class SweepEvent:
 
 @dataclass
 class SweepSummary:
+    """Jobs computed, skipped as stored, copied from another run's entry of a
+    byte-identical checkpoint (see :mod:`spectra.store`), and failed (messages)."""
+
     computed: int = 0
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
+    copied: int = 0
 
 
 def open_writer_on_rank_zero(out: str | os.PathLike[str] | None) -> contextlib.AbstractContextManager[ResultsWriter | None]:
@@ -251,8 +256,9 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
                 key = entry_key(checkpoint.sha256, c, kind, job.settings_hash(identity))
                 index += 1
                 event = SweepEvent(index, total, path, checkpoint.epoch, c, kind, "skipped")
-                if sd.broadcast_from_writer(writer is not None and _stored(writer, key, checkpoint)):
-                    summary.skipped += 1
+                if sd.broadcast_from_writer(writer is not None and _stored(writer, key, checkpoint, summary)):
+                    if writer is None:  # the writer counted it (stored or copied)
+                        summary.skipped += 1
                 else:
                     record, error = None, None
                     try:
@@ -274,14 +280,18 @@ def _sweep_sharing_samples(files: list[Path], plan: _SweepPlan, writer: ResultsW
     return summary
 
 
-def _stored(writer: ResultsWriter, key: str, checkpoint: LoadedCheckpoint) -> bool:
-    """Whether the job is stored; a byte-identical checkpoint of another run gets that run a copy."""
-    path = checkpoint.path.resolve()
+def _stored(writer: ResultsWriter, key: str, checkpoint: LoadedCheckpoint, summary: SweepSummary) -> bool:
+    """Whether the job is stored (counted); a byte-identical checkpoint another run
+    still holds gives this run a copy of its entry (:meth:`ResultsWriter.stored_for`)."""
+    path = located(checkpoint.path)
     try:
-        return writer.has_for(key, str(path), path.parent.name, checkpoint.epoch)
+        found = writer.stored_for(key, str(path), path.parent.name, checkpoint.epoch)
     except (OSError, ValueError, StoreError) as exc:  # the copy failed; the stored entry is intact
-        warnings.warn(f"{path}: could not copy the stored entry {key} for this run ({first_line(exc)})", StoreWarning)
+        summary.failed.append(f"{path}: could not copy the stored entry {key} for this run ({first_line(exc)})")
         return True
+    summary.copied += found == "copied"
+    summary.skipped += found == "stored"
+    return found is not None
 
 
 def _store(writer: ResultsWriter | None, record: ResultRecord | None, summary: SweepSummary,
@@ -317,8 +327,7 @@ def _pending_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter, su
         for c in wanted:
             for kind in plan.kinds:
                 key = entry_key(checkpoint.sha256, c, kind, plan.settings.with_kind(kind).settings_hash(identity))
-                if _stored(writer, key, checkpoint):
-                    summary.skipped += 1
+                if _stored(writer, key, checkpoint, summary):
                     events.append(SweepEvent(0, 0, path, checkpoint.epoch, c, kind, "skipped"))
                 else:
                     pending.append((str(path), c, kind))
@@ -360,7 +369,7 @@ def _sweep_spreading_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWr
     listed = _pending_jobs(files, plan, writer, summary) if writer is not None else None
     pending: list[_Job] = sd.broadcast_from_writer(listed[0] if listed else None)
     world = sd.current_world_size()
-    total = len(pending) + summary.skipped + len(summary.failed)
+    total = len(pending) + summary.skipped + summary.copied + len(summary.failed)
     index = 0
     report = plan.progress if writer is not None else None
     for event in (listed[1] if listed else []):

@@ -210,7 +210,7 @@ def test_sweep_info_and_plots(env, tmp_path):
     assert "computed 36, skipped 0" in res.stdout
     res = invoke("sweep", *run_dirs, "--classes", "0,5,9", "--out", out, "--density", "--probes", "2",
                  "--steps", "10", "--json", *fast(env))
-    assert json.loads(res.stdout) == {"out": str(out), "computed": 0, "skipped": 36, "failed": []}
+    assert json.loads(res.stdout) == {"out": str(out), "computed": 0, "skipped": 36, "copied": 0, "failed": []}
 
     res = invoke("info", out)
     assert res.exit_code == 0, res.output

@@ -79,6 +79,8 @@ def test_bad_settings_are_refused() -> None:
         DemoConfig.quick().replace(sweep_epochs=(7,))
     with pytest.raises(DemoError, match=r"lr_decay_epoch must be in \[1, epochs\); got 3 with 3 epochs"):
         DemoConfig.quick().replace(lr_decay_epoch=3)  # the decay would never happen (training refuses it too)
+    with pytest.raises(DemoError, match=r"warmup_epochs must be in \[0, epochs\); got 3 with 3 epochs"):
+        DemoConfig.quick().replace(warmup_epochs=3)
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:

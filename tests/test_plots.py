@@ -186,6 +186,14 @@ def test_cli_density_overlays_runs(tmp_path, captured_plots):
     args, kwargs, _ = captured_plots["density"][-1]
     assert [r.run for r in args[0]] == ["ce-drw", "ce-drw-sam"] and [r.arrays["grid"][-1] for r in args[0]] == [9.0, 4.0]
     assert kwargs["labels"][0].startswith("ce-drw epoch 200") and kwargs["extremes"] is None  # two runs: no single λ pair
+    with ResultsWriter(path) as w:  # class 0 in one run only: `--class all` means the classes both runs have
+        w.write(make_record(200, 0, 7.0, -1.0, kind="density", run="ce-drw"))
+    res = _cli("plot", "density", path, "--class", "all", "--epoch", "200", "--run", "ce-drw", "--run", "ce-drw-sam",
+               "-o", tmp_path / "all.png")
+    assert res.exit_code == 0, res.output
+    assert [(r.run, r.class_index) for r in captured_plots["density"][-1][0][0]] == [("ce-drw", 2), ("ce-drw-sam", 2)]
+    res = _cli("plot", "density", path, "--class", "all", "--epoch", "200", "--run", "ce-drw", "-o", tmp_path / "one.png")
+    assert sorted(r.class_index for r in captured_plots["density"][-1][0][0]) == [0, 2]
     res = _cli("plot", "density", path, "--class", "2", "--epoch", "200", "--run", "ce-drw", "--run", "ce-drw",
                "-o", tmp_path / "d.png")
     assert res.exit_code == 0 and [r.run for r in captured_plots["density"][-1][0][0]] == ["ce-drw"]

@@ -65,6 +65,9 @@ def test_existing_run_files_are_refused_without_resume(table, tmp_path):
     (["--methods", "ce", "--save-every-for", "vs=5"], "--save-every-for names vs, not among --methods ce"),
     (["--save-every-for", "ce=0"], "--save-every-for: must be a finite number > 0"),
     (["--save-every-for", "ce"], "--save-every-for: expected METHOD=N"),
+    (["--save-every-for", "ce="], "--save-every-for: expected METHOD=N with N a positive integer"),
+    (["--methods", "ce,vs", "--save-every-for", "ce=2", "--save-every-for", "ce=3"], "--save-every-for gives ce more than once"),
+    (["--methods", "ce-drw,ce-drw-sam,ce-drw"], "--methods lists ce-drw more than once"),  # one folder, two runs
 ])
 def test_bad_arguments_are_refused_before_any_run_starts(table, tmp_path, monkeypatch, capsys, argv, message):
     out = tmp_path / "runs"
@@ -96,7 +99,7 @@ def test_save_every_for_sets_the_snapshot_interval_of_that_run_alone(table):
     import argparse
 
     args = argparse.Namespace(data_root="D", epochs=200, seed=0, device="cpu", eval_every=5, save_every=20, compile=None,
-                              amp=None, max_train_samples=None, max_test_samples=None, time_budget_s=None, set=[],
+                              amp=None, max_train_samples=None, max_test_samples=None, time_budget_s=None, set=[], resume=False,
                               save_every_for=[table.method_interval("ce-drw-pgd=200")])
     configs = table.build_configs(["ce-drw", "ce-drw-pgd"], args)
     assert [c.save_every for c in configs] == [20, 200]

@@ -54,19 +54,24 @@ def test_sweep_stores_every_checkpoint_and_class_then_resumes(env, tmp_path):
     assert len(store.read_results(out)) == 13
 
 
+def _twin_folder(tmp_path, name, *files):
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
 def test_a_byte_identical_checkpoint_in_another_run_gets_that_run_a_copy(env, tmp_path):
     """Entries are keyed by the file's SHA-256: a run started from a copy of another run's checkpoint
     was skipped and its epoch was missing from that run's series."""
     out = tmp_path / "results.h5"
-    twin = tmp_path / "finetune"
-    twin.mkdir()
-    (twin / "ckpt_epoch0002.pt").write_bytes(env["run"][1].read_bytes())
-    (twin / "ckpt_epoch0003.pt").write_bytes(env["run"][2].read_bytes())
+    twin = _twin_folder(tmp_path, "finetune", env["run"][1], env["run"][2])
     opts = DataOptions(root=str(env["root"]), device="cpu")
     settings = AnalysisSettings(tol=1e-4)
     first = run_sweep([env["run"][1]], out, classes="0", settings=settings, data_options=opts)
     both = run_sweep([twin, env["run"][1]], out, classes="0", settings=settings, data_options=opts)
-    assert (first.computed, both.computed, both.skipped) == (1, 1, 2)  # epoch 3 computed once, for the twin
+    assert first.computed == 1 and (both.computed, both.skipped, both.copied) == (1, 1, 1)  # epoch 3: once
     records = store.read_results(out)
     by_run = {(r.run, r.epoch): r for r in records}
     assert sorted(by_run) == [("finetune", 2), ("finetune", 3), (env["run"][0].parent.name, 2)]
@@ -76,8 +81,85 @@ def test_a_byte_identical_checkpoint_in_another_run_gets_that_run_a_copy(env, tm
     np.testing.assert_array_equal(copy.arrays["top"], original.arrays["top"])
     np.testing.assert_array_equal(store.eigen_table(out, "finetune")[0].epochs, [2, 3])
     again = run_sweep([twin, env["run"][0].parent], out, classes="0", settings=settings, data_options=opts)
-    assert (again.computed, again.skipped) == (1, 4) and len(store.read_results(out)) == 5  # + epochs 1 and 3 of the run
-    assert sum("alias_of" in r.provenance for r in store.read_results(out)) == 2  # epoch 3 of the run copies the twin's
+    assert (again.computed, again.skipped, again.copied) == (1, 3, 1)  # epoch 1 of the run; its epoch 3 copies the twin's
+    assert len(store.read_results(out)) == 5 and sum("alias_of" in r.provenance for r in store.read_results(out)) == 2
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    info = CliRunner().invoke(main, ["info", str(out)], catch_exceptions=False).stdout
+    assert [line.split()[0] for line in info.splitlines() if line.rstrip().endswith(" copy")] == ["finetune", "run-ce"]
+
+
+def test_a_moved_run_folder_is_the_same_run(env, tmp_path):
+    """A results file that travels (GPU box → laptop) or a renamed folder: the stored file is gone, so a
+    re-sweep of the new place skips its entries and creates no second run."""
+    out = tmp_path / "results.h5"
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    (tmp_path / "gpu-box").mkdir()
+    gpu_box = _twin_folder(tmp_path / "gpu-box", "ce-drw", *env["run"][:2])
+    run_sweep([gpu_box], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    moved = gpu_box.rename(tmp_path / "ce-drw")
+    again = run_sweep([moved], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    assert (again.computed, again.skipped, again.copied) == (0, 2, 0)
+    assert [r.label for r in store.list_runs(out)] == ["ce-drw"]
+
+
+def test_twin_results_written_twice_keep_both_runs(env, tmp_path):
+    """Both twins computed (torchrun --spread jobs lists both; `spectra eigs TWIN --out`): the second write
+    must not take the first run's entry away."""
+    out = tmp_path / "results.h5"
+    twin = _twin_folder(tmp_path, "twin", env["run"][0])
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    run_sweep([env["run"][0]], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    (original,) = store.read_results(out)
+    twin_record = store.ResultRecord(dict(original.provenance, checkpoint_path=str((twin / env["run"][0].name).resolve()),
+                                          run="twin"), original.arrays)
+    with store.ResultsWriter(out) as w:
+        key = w.write(twin_record)
+    assert key == store.alias_key(original.key, str(twin.resolve()))
+    assert sorted(r.run for r in store.read_results(out)) == sorted([original.run, "twin"])
+
+
+def test_a_symlinked_checkpoint_belongs_to_the_folder_of_the_link(env, tmp_path):
+    out = tmp_path / "results.h5"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "ckpt_epoch0001.pt").symlink_to(env["run"][0])
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    run_sweep([env["run"][0]], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    summary = run_sweep([linked], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    assert summary.copied == 1 and "linked" in {r.run for r in store.read_results(out)}
+
+
+def test_a_copy_that_cannot_be_written_is_a_failure_of_the_sweep(env, tmp_path, monkeypatch):
+    out = tmp_path / "results.h5"
+    twin = _twin_folder(tmp_path, "twin", env["run"][0])
+    opts = DataOptions(root=str(env["root"]), device="cpu")
+    run_sweep([env["run"][0]], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    real_write = store.ResultsWriter.write
+
+    def full_disk(self, record):
+        if record.provenance.get("alias_of"):
+            raise OSError(28, "No space left on device")
+        return real_write(self, record)
+
+    monkeypatch.setattr(store.ResultsWriter, "write", full_disk)
+    summary = run_sweep([twin], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
+    assert summary.copied == 0 and len(summary.failed) == 1 and "could not copy the stored entry" in summary.failed[0]
+    assert len(store.read_results(out)) == 1  # the original entry is intact
+
+
+def test_a_plain_last_pt_twin_of_a_numbered_checkpoint_comes_after_it(tmp_path):
+    """Plain state dicts: last.pt has no epoch (-1); analysed first, it took the epoch's entry for itself."""
+    import torch
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for e in (1, 2):
+        torch.save({"w": torch.full((2,), float(e))}, folder / f"ckpt_epoch{e:04d}.pt")
+    (folder / "last.pt").write_bytes((folder / "ckpt_epoch0002.pt").read_bytes())
+    assert [p.name for p in expand_checkpoints([folder])] == ["ckpt_epoch0001.pt", "ckpt_epoch0002.pt", "last.pt"]
 
 
 def test_sweep_reports_failures_and_continues(env, tmp_path):

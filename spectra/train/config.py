@@ -110,10 +110,12 @@ class TrainConfig:
             raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         return cls(**d)
 
-    def validate(self) -> None:
+    def validate(self, new_run: bool = True) -> None:
         """Raise ``ValueError`` with a one-line message on an impossible setting:
         a value of the wrong type, a non-finite number, one out of its range, or
-        settings that contradict each other (:meth:`_check_combinations`)."""
+        (``new_run``) settings that would silently do nothing together
+        (:meth:`_check_combinations`). Resuming skips the latter, so that a run
+        made before such a check was added still resumes."""
         hints = _field_types()
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
@@ -143,7 +145,8 @@ class TrainConfig:
         if self.optimizer == "lpf" and self.batch_size % self.lpf_samples:
             raise ValueError(f"lpf_samples ({self.lpf_samples}) must divide the batch size ({self.batch_size}): "
                              "LPF-SGD splits each batch into that many equal parts")
-        self._check_combinations()
+        if new_run:
+            self._check_combinations()
 
     def _check_combinations(self) -> None:
         """Settings that are valid alone but would silently do nothing together:
@@ -152,9 +155,11 @@ class TrainConfig:
           after ``drw_epoch`` completed epochs, i.e. never). The default
           (``None``: 80 % of ``epochs``) is allowed, so 1- and 2-epoch checks of
           a DRW preset keep the recipe's shape: no re-weighting yet.
-        * An explicit learning-rate milestone ``>= epochs`` (its decay applies
-          after that epoch, i.e. never) or an explicit warm-up longer than the
-          run other than the default 5 epochs (kept for short checks).
+        * An explicit learning-rate milestone whose decay never applies: the
+          rate drops for epochs after both the milestone and the warm-up, so
+          ``max(milestone, warmup_epochs) >= epochs`` means never; and an
+          explicit warm-up longer than the run other than the default 5 epochs
+          (kept for short checks).
         * An imbalance ratio or profile on a balanced data set (they shape the
           ``-lt`` train split only): a value other than the default (or ratio 1).
         """
@@ -165,6 +170,10 @@ class TrainConfig:
         if late:
             raise ValueError(f"lr_milestones {', '.join(map(str, late))} >= epochs {self.epochs}: that decay would never "
                              f"happen (the rate drops after the milestone epoch); use milestones < {self.epochs}")
+        if self.lr_milestones and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"lr_milestones {', '.join(map(str, self.lr_milestones))} never apply: the warm-up "
+                             f"(warmup_epochs {self.warmup_epochs}) lasts the whole run (epochs {self.epochs}); "
+                             f"use warmup_epochs < {self.epochs}")
         if self.warmup_epochs > self.epochs and self.warmup_epochs != _DEFAULTS.warmup_epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} > epochs {self.epochs}: the run would end inside "
                              f"its warm-up, never at the base learning rate; use warmup_epochs <= {self.epochs}")
@@ -248,8 +257,9 @@ def _family(dataset: str) -> str:
     return "cifar100" if dataset.startswith("cifar100") else "cifar10"
 
 
-def resolve_config(method: str, dataset: str = "cifar10-lt", **overrides: Any) -> TrainConfig:
-    """Defaults ← method preset ← ``overrides``; validated.
+def resolve_config(method: str, dataset: str = "cifar10-lt", new_run: bool = True, **overrides: Any) -> TrainConfig:
+    """Defaults ← method preset ← ``overrides``; validated (``new_run=False`` for
+    the config of a run to resume: :meth:`TrainConfig.validate`).
 
     >>> resolve_config("ce-drw-sam").rho
     0.5
@@ -264,7 +274,7 @@ def resolve_config(method: str, dataset: str = "cifar10-lt", **overrides: Any) -
         values[key] = value[_family(dataset)] if isinstance(value, dict) else value
     values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE_OVERRIDES})
     config = TrainConfig.from_dict(values)
-    config.validate()
+    config.validate(new_run)
     return config
 
 

@@ -198,7 +198,7 @@ class Trainer:
     """One training run writing into ``out_dir`` (see :func:`fit`)."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
-        config.validate()
+        config.validate(new_run=not resume)  # a run made before a newer check must still resume (checked again if it starts over)
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = resolve_device(config.device)
@@ -549,6 +549,7 @@ class Trainer:
             if found:
                 raise ValueError(f"--resume: {self.out_dir} holds run files ({_listed(found)}) but no last.pt to resume from; "
                                  "restore last.pt (or copy the newest ckpt_epochNNNN.pt to it) or choose another --out")
+            self.config.validate()  # a new run after all: every check applies
             self.log(f"--resume: no {path}; starting from scratch")
             self._truncate_logs(0)  # lines of an attempt killed before its first checkpoint
             return
@@ -702,8 +703,8 @@ class Trainer:
         leaves that epoch's checkpoint file but no spectra.jsonl line. The
         in-memory model is that checkpoint's, and the probe comes at the same
         point of the run as without the kill. Classes it stored already are
-        analysed again and replace their entries (results.h5 keys an entry by
-        checkpoint, class and settings), so nothing is duplicated.
+        read back from results.h5 (keyed by checkpoint, class and settings),
+        not analysed again.
         """
         epoch = self.start_epoch - 1
         if epoch < 1 or not self._is_probe_epoch(epoch):

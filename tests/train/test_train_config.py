@@ -65,6 +65,24 @@ def test_a_milestone_at_or_after_the_last_epoch_is_refused():
     assert resolve_config("ce", epochs=3).resolved_lr_milestones() == [2, 3]  # scaled default: allowed for short checks
 
 
+def test_milestones_hidden_by_a_warm_up_over_the_whole_run_are_refused():
+    """The rate drops for epochs after the milestone AND the warm-up: with warm-up >= epochs, never."""
+    with pytest.raises(ValueError, match=r"^lr_milestones 1, 2 never apply: the warm-up \(warmup_epochs 5\) lasts the whole run"):
+        resolve_config("ce", epochs=3, lr_milestones=[1, 2])
+    with pytest.raises(ValueError, match="never apply"):
+        resolve_config("ce", epochs=2, warmup_epochs=2, lr_milestones=[1], lr_factors=[0.1])
+    assert resolve_config("ce", epochs=3, warmup_epochs=2, lr_milestones=[1], lr_factors=[0.1]).warmup_epochs == 2
+
+
+def test_the_config_of_a_run_to_resume_skips_the_newer_combination_checks():
+    """A run made before a check was added (e.g. milestones beyond its epochs) must still resume."""
+    with pytest.raises(ValueError, match="never happen"):
+        resolve_config("ce", epochs=3, lr_milestones=[160, 180])
+    assert resolve_config("ce", epochs=3, lr_milestones=[160, 180], new_run=False).lr_milestones == [160, 180]
+    with pytest.raises(ValueError, match="must be >= 0"):  # types and ranges are always checked
+        resolve_config("ce", epochs=3, lr_milestones=[-1, 180], new_run=False)
+
+
 def test_an_explicit_warm_up_longer_than_the_run_is_refused():
     with pytest.raises(ValueError, match=r"^warmup_epochs 30 > epochs 20: the run would end inside its warm-up"):
         resolve_config("ce", epochs=20, warmup_epochs=30)

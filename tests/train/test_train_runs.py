@@ -105,6 +105,22 @@ def test_resume_refuses_a_changed_recipe(cifar10_root, tmp_path):
             resume=True, log=lambda m: None)
 
 
+def test_a_run_made_before_a_newer_check_still_resumes(cifar10_root, tmp_path, monkeypatch):
+    """lr_milestones >= epochs were accepted before; such a run must resume (the check is for new runs)."""
+    from spectra.train import TrainConfig
+
+    settings = dict(data_root=str(cifar10_root), epochs=2, lr_milestones=[5], lr_factors=[0.1], **TINY)
+    with monkeypatch.context() as old_version:
+        old_version.setattr(TrainConfig, "_check_combinations", lambda self: None)
+        fit(resolve_config("ce", time_limit_s=1e-9, **settings), tmp_path / "run", log=lambda m: None)  # epoch 1 only
+    with pytest.raises(ValueError, match="never happen"):
+        resolve_config("ce", **settings)
+    result = fit(resolve_config("ce", new_run=False, **settings), tmp_path / "run", resume=True, log=lambda m: None)
+    assert result.summary["final"]["epoch"] == 2
+    with pytest.raises(ValueError, match="never happen"):  # in an empty folder --resume starts a new run: checked
+        fit(resolve_config("ce", new_run=False, **settings), tmp_path / "new", resume=True, log=lambda m: None)
+
+
 def test_resume_may_change_the_evaluation_interval(cifar10_root, tmp_path):
     """Evaluations do not touch the weights: a run resumed with another eval_every ends where an uninterrupted one does."""
     cfg = resolve_config("ce", data_root=str(cifar10_root), epochs=4, eval_every=1, **TINY)
