@@ -563,15 +563,13 @@ class ResultsWriter:
     def keys(self) -> set[str]:
         return set(self._keys)
 
-    def read(self, key: str, arrays: bool = True) -> ResultRecord | None:
-        """The committed entry named ``key`` (None when there is none); its
-        provenance alone with ``arrays=False``."""
+    def read(self, key: str) -> ResultRecord | None:
+        """The committed entry named ``key`` (None when there is none)."""
         if key not in self._keys:
             return None
         with self._open() as f:
             group = f[ENTRIES][key]
-            provenance = _decode_attrs(group.attrs)
-            return _read_group(group, provenance) if arrays else ResultRecord(provenance=provenance)
+            return _read_group(group, _decode_attrs(group.attrs))
 
     def stored_for(self, key: str, checkpoint_path: str, run: str, epoch: int) -> str | None:
         """Whether the job of entry ``key`` for the checkpoint at ``checkpoint_path``
@@ -596,7 +594,10 @@ class ResultsWriter:
     def write(self, record: ResultRecord) -> str:
         """Commit ``record`` whole (temporary group → flush → rename); returns its key.
 
-        An existing entry with the same key is replaced (same inputs, same settings).
+        An existing entry with the same key is replaced (same inputs, same
+        settings), unless it describes a byte-identical checkpoint that another
+        folder still holds: the record is then stored beside it as that run's
+        copy (``alias_of``, :func:`alias_key`).
         """
         if self._lock_fd is None:
             raise StoreError(f"writer of {self.path} is closed")
