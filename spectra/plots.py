@@ -150,6 +150,10 @@ def plot_ratio(
         ax.set_title(run)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = {int(e) for c in order if c in table for e in table[c].epochs}
+        if len(epochs) == 1:  # one epoch: widen to whole epochs, or the locator falls back to fractional ticks
+            (e,) = epochs
+            ax.set_xlim(e - 1, e + 1)
         ax.grid(True, alpha=0.3)
         if log_scale:
             ax.set_yscale("log")

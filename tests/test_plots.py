@@ -275,3 +275,10 @@ def test_cli_density_marks_extremes_only_from_eigs_of_the_same_hessian(tmp_path,
     with ResultsWriter(path) as w:
         w.write(make_record(3, 2, 7.0, -2.0, run="ce-drw", settings="s" * 64))
     assert drawn() == (-2.0, 7.0)
+
+
+def test_a_ratio_panel_of_one_epoch_has_whole_epoch_ticks():
+    """matplotlib's integer locator falls back to 0.945, 0.96, ... when a panel spans a single epoch."""
+    fig = plots.plot_ratio({"run": {0: EigenSeries(np.array([200]), np.array([5.0]), np.array([-0.5]))}}, {0: "a"}, {0: 10})
+    ticks = [t for t in fig.axes[0].get_xticks() if 199 <= t <= 201]
+    assert ticks and all(float(t).is_integer() for t in ticks) and 200 in ticks
