@@ -133,8 +133,12 @@ def main() -> None:
         result["at"], result["continued"] = args.at, {}
         for name, overrides in variants.items():
             print(f"== {name}: {overrides}", flush=True)
-            result["continued"][name] = {"overrides": overrides, "epochs": continued_accuracies(
-                ck, args.data_root, overrides, args.at, args.epochs, args.max_test_samples, args.device)}
+            try:
+                epochs = continued_accuracies(ck, args.data_root, overrides, args.at, args.epochs, args.max_test_samples,
+                                              args.device)
+            except ValueError as exc:  # a setting the trainer refuses (e.g. a check newer than the checkpoint)
+                raise SystemExit(f"variant {name}: {str(exc).splitlines()[0]}") from None
+            result["continued"][name] = {"overrides": overrides, "epochs": epochs}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
