@@ -3,19 +3,13 @@ import pytest
 import torch
 
 from benchmark_scripts import load_script
-from cifar_format_fixture import write_cifar10
-from spectra.train import fit, load_training_checkpoint, model_from_checkpoint, resolve_config
+from tiny_training import trained_run
+from spectra.train import load_training_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, train_per_class=12, test_per_class=4)
-    cfg = resolve_config("ce-sam", data_root=str(root), epochs=1, batch_size=32, eval_batch_size=64, progress=False,
-                         imbalance_ratio=10.0, arch="resnet8")
-    out = tmp_path_factory.mktemp("run")
-    fit(cfg, out, log=lambda m: None)
-    return root, out / "last.pt"
+    return trained_run(tmp_path_factory, "ce-sam")
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,12 @@ import sys
 import pytest
 
 from benchmark_scripts import load_script
-from cifar_format_fixture import write_cifar10
-from spectra.train import fit, resolve_config
+from tiny_training import trained_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, train_per_class=12, test_per_class=4)
-    cfg = resolve_config("ce-drw", data_root=str(root), epochs=2, batch_size=32, eval_batch_size=64, progress=False,
-                         imbalance_ratio=10.0, arch="resnet8")
-    out = tmp_path_factory.mktemp("run")
-    fit(cfg, out, log=lambda m: None)
-    return root, out / "last.pt"
+    return trained_run(tmp_path_factory, "ce-drw", epochs=2)
 
 
 def _main(monkeypatch, *argv):
