@@ -106,6 +106,11 @@ tail -25 "$OUT/eigs_${DEVICE}.log"
 part_trainspeed
 part_ensemble
 }
+# run_summary SUMMARY LABEL LOG: one line of a run's final and best accuracy and speed (the log's tail without a summary)
+run_summary() {
+python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
+  "$1" "$2" 2>/dev/null || tail -3 "$3"
+}
 part_gpucheck() {
 local budget=${CHECK_BUDGET:-420}
 echo "== CE alone, eager vs CUDA graphs, two processes (budget ${budget}s each)"
@@ -117,8 +122,7 @@ done
 wait
 for mode in off graphs; do
   mkdir -p "$OUT/gpucheck/ce-$mode"; cp .gpucheck/ce-$mode/{summary.json,metrics.jsonl,config.json} "$OUT/gpucheck/ce-$mode/" 2>/dev/null
-  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
-    ".gpucheck/ce-$mode/summary.json" "$mode" 2>/dev/null || tail -3 "$OUT/gpucheck_$mode.log"
+  run_summary ".gpucheck/ce-$mode/summary.json" "$mode" "$OUT/gpucheck_$mode.log"
 done
 }
 part_jpeg() {
@@ -137,8 +141,7 @@ for q in shipped $qualities; do
 done
 wait
 for q in shipped $qualities; do
-  python3 -c "import json,sys; s=json.load(open(sys.argv[1])); f=s['final']; print(sys.argv[2], 'epoch', f['epoch'], 'acc', f['acc'], 'tail', f['tail_acc'], 'best', s['best'], 's/epoch', s['seconds_per_epoch'])" \
-    "$J/ce-$q/summary.json" "$q" 2>/dev/null || tail -3 "$J/ce-$q.log"
+  run_summary "$J/ce-$q/summary.json" "$q" "$J/ce-$q.log"
 done
 tar czf "$OUT/jpeg.tgz" --exclude='*.pt' "$J" 2>/dev/null
 }

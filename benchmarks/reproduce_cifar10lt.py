@@ -266,6 +266,11 @@ def table(methods: list[str], status: dict[str, dict], args: argparse.Namespace)
     return rows, "\n".join(lines)
 
 
+def repeated(items: list[str]) -> list[str]:
+    """The items that occur more than once, sorted."""
+    return sorted({item for item in items if items.count(item) > 1})
+
+
 def check_runs(p: argparse.ArgumentParser, methods: list[str], args: argparse.Namespace) -> None:
     """Refuse an empty or unknown method list and any setting a run would refuse, before anything starts."""
     from spectra.train import METHODS
@@ -275,16 +280,14 @@ def check_runs(p: argparse.ArgumentParser, methods: list[str], args: argparse.Na
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
-    twice = sorted({m for m in methods if methods.count(m) > 1})
-    if twice:  # two runs would train into one folder
-        p.error(f"--methods lists {', '.join(twice)} more than once")
-    stray = [m for m, _ in args.save_every_for if m not in methods]
+    if repeated(methods):  # two runs would train into one folder
+        p.error(f"--methods lists {', '.join(repeated(methods))} more than once")
+    named = [m for m, _ in args.save_every_for]
+    stray = [m for m in named if m not in methods]
     if stray:
         p.error(f"--save-every-for names {', '.join(stray)}, not among --methods {', '.join(methods)}")
-    named = [m for m, _ in args.save_every_for]
-    again = sorted({m for m in named if named.count(m) > 1})
-    if again:
-        p.error(f"--save-every-for gives {', '.join(again)} more than once")
+    if repeated(named):
+        p.error(f"--save-every-for gives {', '.join(repeated(named))} more than once")
     try:
         build_configs(methods, args)
     except ValueError as exc:

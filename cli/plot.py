@@ -70,12 +70,11 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[
     chosen = list(dict.fromkeys(run.label for run in found)) or [None]  # a run given twice: once
     if class_spec.strip().lower() == "all":  # the classes with a density entry at those epochs in every chosen run
         keys = {run.key for run in found}
-        per_run: dict = {}
-        for r in store.read_results(results, kind="density"):
-            if not keys or r.run_key in keys:
-                per_run.setdefault(r.run_key, {}).setdefault(r.epoch, set()).add(r.class_index)
-        classes = sorted(set.intersection(*[by_epoch.get(e, set()) for by_epoch in per_run.values() for e in epochs])
-                         if per_run else set())
+        have = {(r.run_key, r.epoch, r.class_index) for r in store.read_results(results, kind="density")
+                if not keys or r.run_key in keys}
+        in_file = {run_key for run_key, _, _ in have}
+        classes = sorted(c for c in {c for _, _, c in have}
+                         if all((run_key, e, c) in have for run_key in in_file for e in epochs))
     else:
         classes = resolve_classes(class_spec, ordered)
     records = [store.density_record(results, c, e, run=run) for run in chosen for c in classes for e in epochs]

@@ -472,8 +472,7 @@ class ResultsWriter:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.open_retry_s = open_retry_s
         self._lock_fd: int | None = None
-        self._keys: set[str] = set()
-        # (checkpoint_path, checkpoint_sha256) of every committed entry: copies are decided without reading the file
+        # Committed key -> (checkpoint_path, checkpoint_sha256): skips and copies are decided without reading the file
         self._origins: dict[str, tuple[str, str]] = {}
         self._acquire_lock()
         try:
@@ -538,7 +537,6 @@ class ResultsWriter:
                 try:
                     self._origins = {name: _origin(provenance)
                                      for name, _, provenance in _committed(f, self.path, _refuse_damaged(self.path))}
-                    self._keys = set(self._origins)
                     entries = _entries_group(f, self.path)
                     for name in [n for n in (entries or []) if n.startswith(_TMP_PREFIX)]:
                         del entries[name]  # left by a killed writer
@@ -557,15 +555,15 @@ class ResultsWriter:
     # -- entries
     def has(self, key: str) -> bool:
         """True if a committed entry named ``key`` exists."""
-        return key in self._keys
+        return key in self._origins
 
     @property
     def keys(self) -> set[str]:
-        return set(self._keys)
+        return set(self._origins)
 
     def read(self, key: str) -> ResultRecord | None:
         """The committed entry named ``key`` (None when there is none)."""
-        if key not in self._keys:
+        if key not in self._origins:
             return None
         with self._open() as f:
             group = f[ENTRIES][key]
@@ -577,7 +575,7 @@ class ResultsWriter:
         describes a byte-identical checkpoint in another folder that still holds
         it, and the run of ``checkpoint_path`` has just got its copy
         (:func:`alias_record`)."""
-        if key not in self._keys:
+        if key not in self._origins:
             return None
         path = os.path.abspath(checkpoint_path)
         folder = os.path.dirname(path)
@@ -627,7 +625,6 @@ class ResultsWriter:
                 del entries[key]
             f.move(f"{ENTRIES}/{tmp}", f"{ENTRIES}/{key}")
             f.flush()
-        self._keys.add(key)
         self._origins[key] = _origin(record.provenance)
         return key
 
