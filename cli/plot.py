@@ -1,4 +1,4 @@
-"""``spectra plot ratio | density``: figures of a results file, written as images."""
+"""``spectra plot ratio | density``: figures of results files, written as images."""
 from __future__ import annotations
 
 import click
@@ -17,19 +17,24 @@ _RUN_HELP = ("a run's name, or when two checkpoint folders share a name, the lab
 
 @click.group("plot")
 def plot() -> None:
-    """Figures of a results file (PNG, PDF or SVG by the output's suffix; PNG without one)."""
+    """Figures of results files (PNG, PDF or SVG by the output's suffix; PNG without one)."""
 
 
 @plot.command("ratio")
-@click.argument("results", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
 @click.option("--run", "runs", multiple=True,
               help=f"Runs (checkpoint folders) to show, one panel each; default all. A run is {_RUN_HELP}.")
 @click.option("--log/--linear", "log_scale", default=None, help="Y axis scale (default: log when ratios span >2 decades).")
 @click.option("--title", default=None)
 @handle_errors
-def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | None, title: str | None) -> None:
-    """|λmin/λmax| per class over epochs: one line per class, head (blue) to tail (red)."""
+def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scale: bool | None,
+          title: str | None) -> None:
+    """|λmin/λmax| per class over epochs: one line per class, head (blue) to tail (red).
+
+    Several RESULTS files are read as one, e.g. the results.h5 that `spectra
+    train --spectra-every N` writes in each run folder:
+    `spectra plot ratio runs/ce-drw/results.h5 runs/ce-drw-sam/results.h5 -o ratio.png`."""
     target = image_path(output)
     if runs:
         chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs))
@@ -38,7 +43,7 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
         if not chosen:
             kinds = sorted({r.kind for r in store.read_results(results)})
             raise click.ClickException(
-                f"{results} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
+                f"{' + '.join(results)} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
                 "the ratio needs `spectra eigs` or `spectra sweep` results")
     tables = {run: store.eigen_table(results, run=run) for run in chosen}
     names = store.class_names(results)
@@ -49,7 +54,7 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
 
 
 @plot.command("density")
-@click.argument("results", type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--class", "class_spec", required=True,
               help="Class: an index, a name, a comma-separated list or 'all' (one curve each).")
 @click.option("--epoch", "epochs", type=int, multiple=True, required=True,
@@ -58,11 +63,11 @@ def ratio(results: str, output: str, runs: tuple[str, ...], log_scale: bool | No
               help=f"Run when the file holds several (repeat to overlay runs, e.g. ce-drw and ce-drw-sam): {_RUN_HELP}.")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
 @handle_errors
-def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[str, ...], output: str) -> None:
+def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], runs: tuple[str, ...], output: str) -> None:
     """Spectral density of classes at epochs (of runs) (log scale), one curve each;
     with λmin/λmax when one class at one epoch of one run is shown and an eigs
     entry of the same Hessian exists (same checkpoint, class, samples, --params,
-    --loss, --dtype)."""
+    --loss, --dtype). Several RESULTS files are read as one."""
     target = image_path(output)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
@@ -86,7 +91,7 @@ def density(results: str, class_spec: str, epochs: tuple[int, ...], runs: tuple[
     click.echo(f"wrote {target}")
 
 
-def _extremes(results: str, record: store.ResultRecord) -> tuple[float, float] | None:
+def _extremes(results: tuple[str, ...], record: store.ResultRecord) -> tuple[float, float] | None:
     """(λmin, λmax) from an eigs entry of the same Hessian as the density ``record``
     (checkpoint, class, samples, params, loss, dtype: :func:`store.same_hessian_eigs`), if any."""
     eigs = store.same_hessian_eigs(results, record)

@@ -29,6 +29,8 @@ pid) refuses a second writer with :class:`StoreLockedError`.
 
 Readers (``read_results``, ``eigen_table``, ``density_record``) need only h5py
 and return numpy arrays; ``eigen_table`` gives per-class series over epochs.
+They take one file or several read as one (:data:`ResultsFiles`): e.g. the
+``results.h5`` that ``--spectra-every`` writes in each run folder.
 
 Runs. A training run is the folder that holds its checkpoints: entries are
 grouped by (``run`` name, folder of ``checkpoint_path``), so two folders with
@@ -51,7 +53,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -68,6 +70,7 @@ __all__ = [
     "StoreLockedError",
     "StoreWarning",
     "ResultRecord",
+    "ResultsFiles",
     "EigenSeries",
     "Run",
     "entry_key",
@@ -635,6 +638,30 @@ def _utc_now() -> str:
 
 
 # ------------------------------------------------------------------ reading
+# Readers take one results file or several, read as one store: the training
+# runs of several files (e.g. each run folder's own results.h5 of
+# ``--spectra-every``) are grouped and labelled together, and where one
+# (run, epoch, class) is in two files the newest entry wins, as within a file.
+ResultsFiles = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def _paths(results: ResultsFiles) -> list[Path]:
+    """The files of ``results`` (one path or several), each once, in the order given."""
+    if isinstance(results, (str, os.PathLike)):
+        return [Path(results)]
+    unique: dict[str, Path] = {}
+    for item in results:
+        unique.setdefault(os.path.realpath(item), Path(item))
+    if not unique:
+        raise ValueError("no results file given")
+    return list(unique.values())
+
+
+def _describe(results: ResultsFiles) -> str:
+    """How messages name ``results``: the file, or the files joined by '+'."""
+    return " + ".join(str(p) for p in _paths(results))
+
+
 def _read_group(group: h5py.Group, provenance: dict[str, Any]) -> ResultRecord:
     arrays = {name: np.asarray(ds[()]) for name, ds in group.items() if isinstance(ds, h5py.Dataset)}
     return ResultRecord(provenance=provenance, arrays=arrays)
@@ -654,14 +681,17 @@ def _read_entries(f: h5py.File, path: Path, kind: str | None) -> list[ResultReco
     return records
 
 
-def read_results(path: str | os.PathLike[str], kind: str | None = None) -> list[ResultRecord]:
-    """All committed entries (optionally of one ``kind``), sorted by run, epoch, class, kind.
+def read_results(path: ResultsFiles, kind: str | None = None) -> list[ResultRecord]:
+    """All committed entries (optionally of one ``kind``) of one results file or
+    several, sorted by run, epoch, class, kind, creation time.
 
     A damaged entry (see :func:`_committed`, or data HDF5 cannot read) is skipped
     with one :class:`StoreWarning` naming the file and the entry.
     """
-    with _open_for_reading(path) as f:
-        records = _read_entries(f, Path(path), kind)
+    records = []
+    for file in _paths(path):
+        with _open_for_reading(file) as f:
+            records += _read_entries(f, file, kind)
     records.sort(key=lambda r: (r.run, r.run_folder, r.epoch, r.class_index, r.kind,
                                 str(r.provenance.get("created_utc", ""))))
     return records
@@ -705,24 +735,26 @@ def _label_runs(keys: set[tuple[str, str]]) -> dict[tuple[str, str], Run]:
     return out
 
 
-def _run_index(path: str | os.PathLike[str]) -> dict[tuple[str, str], Run]:
+def _run_index(path: ResultsFiles) -> dict[tuple[str, str], Run]:
     """(name, folder) → :class:`Run` over every committed entry (attributes only)."""
-    with _open_for_reading(path) as f:
-        provenances = [p for _, _, p in _committed(f, Path(path), _skip_damaged(Path(path)))]
+    provenances = []
+    for file in _paths(path):
+        with _open_for_reading(file) as f:
+            provenances += [p for _, _, p in _committed(f, file, _skip_damaged(file))]
     return _label_runs({(str(p.get("run", "")), _folder_of(p)) for p in provenances})
 
 
-def list_runs(path: str | os.PathLike[str]) -> list[Run]:
+def list_runs(path: ResultsFiles) -> list[Run]:
     """The training runs of a file (all kinds), sorted by label."""
     return sorted(_run_index(path).values(), key=lambda r: r.label)
 
 
-def run_of(path: str | os.PathLike[str], record: ResultRecord) -> Run:
+def run_of(path: ResultsFiles, record: ResultRecord) -> Run:
     """The run (with its file-wide label) that ``record`` belongs to."""
     return _run_index(path)[record.run_key]
 
 
-def runs(path: str | os.PathLike[str], kind: str | None = None) -> list[str]:
+def runs(path: ResultsFiles, kind: str | None = None) -> list[str]:
     """Labels of the training runs (checkpoint folders) present, sorted; with
     ``kind``, only the runs that hold entries of that kind."""
     index = _run_index(path)
@@ -730,7 +762,7 @@ def runs(path: str | os.PathLike[str], kind: str | None = None) -> list[str]:
     return sorted(index[k].label for k in keys)
 
 
-def find_run(path: str | os.PathLike[str], run: "str | Run") -> Run:
+def find_run(path: ResultsFiles, run: "str | Run") -> Run:
     """The run named by ``run``: its label, its folder path (absolute, or any tail
     of it such as ``seedA/ce-drw``) or its name when only one folder has it.
 
@@ -739,7 +771,7 @@ def find_run(path: str | os.PathLike[str], run: "str | Run") -> Run:
     index = _run_index(path)
     if isinstance(run, Run):
         if run.key not in index:
-            raise ValueError(f"run {run.label!r} not in {path}")
+            raise ValueError(f"run {run.label!r} not in {_describe(path)}")
         return index[run.key]
     spec = str(run).rstrip("/") or str(run)
     labels = ", ".join(sorted(r.label for r in index.values())) or "none"
@@ -754,18 +786,18 @@ def find_run(path: str | os.PathLike[str], run: "str | Run") -> Run:
         matches = [r for r in index.values() if r.folder == resolved]
     if len(matches) > 1:
         choices = ", ".join(sorted(r.label for r in matches))
-        raise ValueError(f"run {spec!r} is ambiguous in {path}: it matches {choices}; give one of those")
+        raise ValueError(f"run {spec!r} is ambiguous in {_describe(path)}: it matches {choices}; give one of those")
     if not matches:
-        raise ValueError(f"run {spec!r} not in {path}; runs: {labels}")
+        raise ValueError(f"run {spec!r} not in {_describe(path)}; runs: {labels}")
     return matches[0]
 
 
-def class_names(path: str | os.PathLike[str]) -> dict[int, str]:
+def class_names(path: ResultsFiles) -> dict[int, str]:
     """Class index → class name, over all entries."""
     return {r.class_index: str(r.provenance.get("class_name", r.class_index)) for r in read_results(path)}
 
 
-def class_sizes(path: str | os.PathLike[str]) -> dict[int, int]:
+def class_sizes(path: ResultsFiles) -> dict[int, int]:
     """Class index → number of training samples of the class in its data set
     (the recorded ``class_counts``; the analysed ``num_samples`` where the entry
     has no counts, e.g. a user data-set factory)."""
@@ -780,17 +812,17 @@ def class_sizes(path: str | os.PathLike[str]) -> dict[int, int]:
     return sizes
 
 
-def _one_run(records: list[ResultRecord], path: str | os.PathLike[str], what: str) -> list[ResultRecord]:
+def _one_run(records: list[ResultRecord], path: ResultsFiles, what: str) -> list[ResultRecord]:
     """``records`` when they all belong to one run, else a one-line ``ValueError``."""
     keys = {r.run_key for r in records}
     if len(keys) > 1:
         index = _run_index(path)
         names = ", ".join(sorted(index[k].label for k in keys))
-        raise ValueError(f"{path} holds {what} of several runs ({names}); choose one (run=... / --run)")
+        raise ValueError(f"{_describe(path)} holds {what} of several runs ({names}); choose one (run=... / --run)")
     return records
 
 
-def _of_run(records: list[ResultRecord], run: "str | Run", path: str | os.PathLike[str],
+def _of_run(records: list[ResultRecord], run: "str | Run", path: ResultsFiles,
             what: str) -> list[ResultRecord]:
     """The ``records`` of the run named by ``run`` (see :func:`find_run`)."""
     chosen = find_run(path, run)
@@ -798,7 +830,7 @@ def _of_run(records: list[ResultRecord], run: "str | Run", path: str | os.PathLi
     if not selected:
         index = _run_index(path)
         having = ", ".join(sorted({index[r.run_key].label for r in records})) or "none"
-        raise ValueError(f"run {chosen.label!r} has no {what} in {path}; runs with {what}: {having}")
+        raise ValueError(f"run {chosen.label!r} has no {what} in {_describe(path)}; runs with {what}: {having}")
     return selected
 
 
@@ -812,7 +844,7 @@ def lambda_extremes(record: ResultRecord) -> tuple[float, float]:
     return _first_or_nan(record.arrays["bottom"]), _first_or_nan(record.arrays["top"])
 
 
-def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) -> dict[int, EigenSeries]:
+def eigen_table(path: ResultsFiles, run: "str | Run | None" = None) -> dict[int, EigenSeries]:
     """Per class, λmax and λmin over epochs: ``{class: (epochs, lambda_max, lambda_min)}``.
 
     Uses the ``eigs`` entries of one run (required when the file holds several;
@@ -823,7 +855,7 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
     """
     records = read_results(path, kind="eigs")
     if not records:
-        raise ValueError(f"{path} holds no eigenvalue (eigs) entries")
+        raise ValueError(f"{_describe(path)} holds no eigenvalue (eigs) entries")
     what = "eigenvalue (eigs) entries"
     records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
     newest: dict[tuple[int, int], ResultRecord] = {}
@@ -841,14 +873,14 @@ def eigen_table(path: str | os.PathLike[str], run: "str | Run | None" = None) ->
     return table
 
 
-def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, path: str | os.PathLike[str]) -> None:
+def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, path: ResultsFiles) -> None:
     """One point per (class, epoch) of a run: entries of two different checkpoints there
     (e.g. several plain state dicts of unknown epoch, -1) cannot be told apart on an epoch axis."""
     if older is None:
         return
     shas = {str(r.provenance.get("checkpoint_sha256", "")) for r in (older, newer)}
     if len(shas) > 1:
-        raise ValueError(f"{path}: run {newer.run!r} holds entries of different checkpoints at epoch {newer.epoch} "
+        raise ValueError(f"{_describe(path)}: run {newer.run!r} holds entries of different checkpoints at epoch {newer.epoch} "
                          f"(class {newer.class_index}): {older.provenance.get('checkpoint_path')} and "
                          f"{newer.provenance.get('checkpoint_path')}; put them in separate folders (runs) or give them epochs")
 
@@ -858,7 +890,7 @@ def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, pat
 HESSIAN_IDENTITY = ("checkpoint_sha256", "class_index", "split", "sample_indices_sha256", "params", "loss_fn", "dtype")
 
 
-def same_hessian_eigs(path: str | os.PathLike[str], record: ResultRecord) -> ResultRecord | None:
+def same_hessian_eigs(path: ResultsFiles, record: ResultRecord) -> ResultRecord | None:
     """The newest ``eigs`` entry of the same Hessian as ``record`` (same values of every
     :data:`HESSIAN_IDENTITY` attribute), or None: e.g. to mark λmin/λmax on a density,
     which an eigs entry restricted to other parameters or computed in another dtype
@@ -871,17 +903,17 @@ def same_hessian_eigs(path: str | os.PathLike[str], record: ResultRecord) -> Res
 
 
 def density_record(
-    path: str | os.PathLike[str], class_index: int, epoch: int, run: "str | Run | None" = None
+    path: ResultsFiles, class_index: int, epoch: int, run: "str | Run | None" = None
 ) -> ResultRecord:
     """The newest ``density`` entry of one class at one epoch (of one run)."""
     records = read_results(path, kind="density")
     if not records:
-        raise ValueError(f"{path} holds no density entries")
+        raise ValueError(f"{_describe(path)} holds no density entries")
     of_run = ""
     if run is not None:
         records = _of_run(records, run, path, "density entries")
         of_run = f" of run {find_run(path, run).label!r}"
     records = [r for r in records if r.class_index == class_index and r.epoch == epoch]
     if not records:
-        raise ValueError(f"no density entry for class {class_index} at epoch {epoch}{of_run} in {path}")
+        raise ValueError(f"no density entry for class {class_index} at epoch {epoch}{of_run} in {_describe(path)}")
     return _one_run(records, path, f"density entries for class {class_index} at epoch {epoch}")[-1]

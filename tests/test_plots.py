@@ -253,6 +253,33 @@ def test_cli_runs_with_one_name_in_two_folders(tmp_path, captured_plots):
     assert kwargs["extremes"] == (-1.0, 10.0)  # from seedA's eigs entry, not seedB's
 
 
+
+def test_cli_plots_read_several_results_files(tmp_path, captured_plots):
+    """`spectra plot ratio runs/ce-drw/results.h5 runs/ce-drw-sam/results.h5`: each training run's
+    `--spectra-every` file, side by side without a second pass."""
+    files = []
+    for run, lam_min in (("ce-drw", -1.0), ("ce-drw-sam", -3.0)):
+        files.append(tmp_path / f"{run}.h5")
+        with ResultsWriter(files[-1]) as w:
+            for epoch in (1, 5):
+                w.write(make_record(epoch, 0, 10.0, lam_min, run=run))
+            w.write(make_record(5, 0, 10.0, lam_min, run=run, kind="density"))
+    res = _cli("plot", "ratio", *files, "-o", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    args, _, fig = captured_plots["ratio"][-1]
+    assert list(args[0]) == ["ce-drw", "ce-drw-sam"]
+    np.testing.assert_allclose(args[0]["ce-drw-sam"][0].lambda_min, [-3.0, -3.0])
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["ce-drw", "ce-drw-sam"]
+    res = _cli("plot", "ratio", *files, "--run", "ce-drw-sam", "-o", tmp_path / "one.png")
+    assert res.exit_code == 0 and list(captured_plots["ratio"][-1][0][0]) == ["ce-drw-sam"]
+    res = _cli("plot", "density", *files, "--class", "0", "--epoch", "5", "--run", "ce-drw", "--run", "ce-drw-sam",
+               "-o", tmp_path / "d.png")
+    assert res.exit_code == 0, res.output
+    assert [r.run for r in captured_plots["density"][-1][0][0]] == ["ce-drw", "ce-drw-sam"]
+    _one_error_line(_cli("plot", "ratio", files[0], tmp_path / "nope.h5", "-o", tmp_path / "x.png"),
+                    r"results file not found: .*nope\.h5")
+    assert _cli("plot", "ratio", "-o", tmp_path / "x.png").exit_code == 2  # no file: a usage error
+
 def test_cli_density_marks_extremes_only_from_eigs_of_the_same_hessian(tmp_path, captured_plots):
     """An eigs entry of the same run, epoch and class but another Hessian (other params, dtype,
     loss, samples or checkpoint) once put its λmin/λmax on the density."""

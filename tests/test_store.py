@@ -242,6 +242,43 @@ def test_run_labels_grow_until_folders_differ(tmp_path):
     assert store.runs(path) == ["a/s1/ce", "b/s1/ce"]
 
 
+
+def test_readers_take_several_files_as_one_store(tmp_path):
+    """Each run folder's own results.h5 (``--spectra-every``) read together: runs grouped and labelled
+    over all files; one (run, epoch, class) in two files appears once, from the newest entry."""
+    drw, sam, seed_b = tmp_path / "drw.h5", tmp_path / "sam.h5", tmp_path / "b.h5"
+    with ResultsWriter(drw) as w:
+        for epoch in (1, 2):
+            w.write(make_record(epoch, 0, 10.0, -1.0, run="ce-drw", parent="/exp/seedA"))
+    with ResultsWriter(sam) as w:
+        w.write(make_record(1, 0, 4.0, -2.0, run="ce-drw-sam", parent="/exp/seedA"))
+        w.write(make_record(1, 1, 3.0, -0.3, run="ce-drw-sam", parent="/exp/seedA", kind="density"))
+    both = [drw, sam]
+    assert store.runs(drw) == ["ce-drw"] and store.runs(both) == ["ce-drw", "ce-drw-sam"]
+    assert store.runs(both, kind="density") == ["ce-drw-sam"]
+    np.testing.assert_allclose(store.eigen_table(both, run="ce-drw-sam")[0].lambda_min, [-2.0])
+    np.testing.assert_array_equal(store.eigen_table(both, run="ce-drw")[0].epochs, [1, 2])
+    assert store.density_record(both, 1, 1).run == "ce-drw-sam"  # the only run with densities
+    assert len(store.read_results(both)) == 4 and len(store.read_results([drw, str(drw)])) == 2  # a file given twice: once
+    with pytest.raises(ValueError, match=r"drw\.h5 \+ .*sam\.h5 holds eigenvalue \(eigs\) entries of several runs"):
+        store.eigen_table(both)
+    # The same name in another folder, in a third file: labelled by folder across the files.
+    with ResultsWriter(seed_b) as w:
+        w.write(make_record(1, 0, 20.0, -5.0, run="ce-drw", parent="/exp/seedB"))
+    assert store.runs([drw, seed_b]) == ["seedA/ce-drw", "seedB/ce-drw"]
+    np.testing.assert_allclose(store.eigen_table([drw, seed_b], run="seedB/ce-drw")[0].lambda_max, [20.0])
+    # The same run in two files (a sweep beside the training's own file): one series, newest entry per epoch.
+    later = tmp_path / "later.h5"
+    with ResultsWriter(later) as w:
+        w.write(make_record(2, 0, 12.0, -1.5, run="ce-drw", parent="/exp/seedA", settings="t" * 64))
+    series = store.eigen_table([later, drw], run="ce-drw")[0]
+    np.testing.assert_array_equal(series.epochs, [1, 2])
+    np.testing.assert_allclose(series.lambda_max, [10.0, 12.0])
+    with pytest.raises(FileNotFoundError, match="results file not found: .*missing"):
+        store.runs([drw, tmp_path / "missing.h5"])
+    with pytest.raises(ValueError, match="no results file given"):
+        store.read_results([])
+
 # ------------------------------------------------------------------ damaged files
 def _corrupt_first_chunk(path, entry: str, dataset: str) -> None:
     """Overwrite the bytes of a compressed dataset's first chunk: its read fails in the gzip filter."""
