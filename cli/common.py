@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import click
 import numpy as np
+from tqdm.auto import tqdm
 
 from spectra import distributed as sd
 from spectra.analysis import KINDS, LOSSES, AnalysisSettings, LoadOptions
@@ -105,7 +106,7 @@ def _one_line_warnings() -> Iterator[None]:
         text = _one_line(message) if isinstance(message, BaseException) else str(message).strip().split("\n")[0]
         if text not in shown and not quiet_rank():
             shown.add(text)
-            click.echo(f"Warning: {text}", err=True)
+            tqdm.write(f"Warning: {text}", file=sys.stderr)  # above a running progress bar, not inside its line
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # dedup is ours: per message, not per code location

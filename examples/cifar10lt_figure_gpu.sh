@@ -61,9 +61,7 @@ run spectra sweep "$OUT/ce-drw/ckpt_epoch$(printf %04d "$EPOCHS").pt" \
 
 # 4. The figures.
 run spectra plot ratio "$OUT/results.h5" -o "$OUT/ratio.png"
-for method in ce-drw ce-drw-sam; do
-    run spectra plot density "$OUT/results.h5" --class "$TAIL_CLASS" --epoch "$EPOCHS" --run "$method" \
-        -o "$OUT/density-$method.png"
-done
+run spectra plot density "$OUT/results.h5" --class "$TAIL_CLASS" --epoch "$EPOCHS" --run ce-drw --run ce-drw-sam \
+    -o "$OUT/density-class$TAIL_CLASS.png"
 run spectra info "$OUT/results.h5"
-echo "figures: $OUT/ratio.png $OUT/density-ce-drw.png $OUT/density-ce-drw-sam.png" >&2
+echo "figures: $OUT/ratio.png $OUT/density-class$TAIL_CLASS.png" >&2

@@ -65,18 +65,26 @@ def test_per_layer_spectrum_runs_and_interlaces(tmp_path: Path) -> None:
     _valid_png(tmp_path / "pl" / "per_layer.png")
 
 
-def test_gpu_figure_script_commands_parse() -> None:
-    script = EXAMPLES / "cifar10lt_figure_gpu.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    proc = subprocess.run(["bash", str(script)], env={**ENV, "DRY_RUN": "1", "DATA_ROOT": "/data", "MAX_SAMPLES": "500"},
+@pytest.mark.parametrize("script, names", [
+    ("cifar10lt_figure_gpu.sh", ["train", "train", "sweep", "sweep", "plot ratio", "plot density", "info"]),
+    ("cifar10lt_figure_cpu.sh", ["train", "train", "plot ratio", "sweep", "plot density", "info"]),
+])
+def test_figure_script_commands_parse(script: str, names: list[str]) -> None:
+    path = EXAMPLES / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    proc = subprocess.run(["bash", str(path)], env={**ENV, "DRY_RUN": "1", "DATA_ROOT": "/data", "MAX_SAMPLES": "500"},
                           capture_output=True, text=True, check=True)
     commands = [shlex.split(line[2:]) for line in proc.stderr.splitlines() if line.startswith("+ spectra ")]
-    names = [" ".join(c[1:3]) if c[1] == "plot" else c[1] for c in commands]
-    assert names == ["train", "train", "sweep", "sweep", "plot ratio", "plot density", "plot density", "info"]
+    assert [" ".join(c[1:3]) if c[1] == "plot" else c[1] for c in commands] == names
     for argv in commands:  # every option exists and every value parses
         args, cmd = argv[1:], main
         ctx = click.Context(main)
         while isinstance(cmd, click.Group):
             cmd = cmd.get_command(ctx, args.pop(0))
         cmd.make_context(cmd.name, args)
-    assert any("--max-samples" in c and "500" in c for c in commands)
+    if "gpu" in script:
+        assert any("--max-samples" in c and "500" in c for c in commands)
+    else:  # both runs' own results files in one ratio figure
+        ratio = next(c for c in commands if c[1:3] == ["plot", "ratio"])
+        assert [a for a in ratio if a.endswith("results.h5")] == [
+            "runs/cifar10lt-figure-cpu/ce-drw/results.h5", "runs/cifar10lt-figure-cpu/ce-drw-sam/results.h5"]
