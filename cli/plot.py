@@ -1,11 +1,14 @@
 """``spectra plot ratio | density``: figures of results files, written as images."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from spectra import store
 from spectra.class_data import resolve_classes
 from spectra.plots import image_path, missing_extremes, plot_density, plot_ratio
+from spectra.train.spectra_probe import RESULTS_FILE
 
 from .common import handle_errors
 
@@ -15,13 +18,27 @@ _RUN_HELP = ("a run's name, or when two checkpoint folders share a name, the lab
              "(seedA/ce-drw) or the folder's path")
 
 
+def results_files(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The results files named by ``paths``: a file as given; a folder means its
+    ``results.h5`` (a run folder of ``spectra train --spectra-every N``)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            path = os.path.join(path, RESULTS_FILE)
+            if not os.path.isfile(path):
+                raise click.ClickException(f"{os.path.dirname(path)} is a folder without {RESULTS_FILE} "
+                                           "(train with --spectra-every N, or give a results file)")
+        files.append(path)
+    return tuple(files)
+
+
 @click.group("plot")
 def plot() -> None:
     """Figures of results files (PNG, PDF or SVG by the output's suffix; PNG without one)."""
 
 
 @plot.command("ratio")
-@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Image to write.")
 @click.option("--run", "runs", multiple=True,
               help=f"Runs (checkpoint folders) to show, one panel each; default all. A run is {_RUN_HELP}.")
@@ -32,10 +49,11 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
           title: str | None) -> None:
     """|λmin/λmax| per class over epochs: one line per class, head (blue) to tail (red).
 
-    Several RESULTS files are read as one, e.g. the results.h5 that `spectra
-    train --spectra-every N` writes in each run folder:
-    `spectra plot ratio runs/ce-drw/results.h5 runs/ce-drw-sam/results.h5 -o ratio.png`."""
+    Several RESULTS files are read as one; a run folder stands for the
+    results.h5 that `spectra train --spectra-every N` writes in it:
+    `spectra plot ratio runs/ce-drw runs/ce-drw-sam -o ratio.png`."""
     target = image_path(output)
+    results = results_files(results)
     if runs:
         chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs))
     else:
@@ -54,7 +72,7 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
 
 
 @plot.command("density")
-@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--class", "class_spec", required=True,
               help="Class: an index, a name, a comma-separated list or 'all' (one curve each).")
 @click.option("--epoch", "epochs", type=int, multiple=True, required=True,
@@ -67,8 +85,9 @@ def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], 
     """Spectral density of classes at epochs (of runs) (log scale), one curve each;
     with λmin/λmax when one class at one epoch of one run is shown and an eigs
     entry of the same Hessian exists (same checkpoint, class, samples, --params,
-    --loss, --dtype). Several RESULTS files are read as one."""
+    --loss, --dtype). Several RESULTS files are read as one (a run folder: its results.h5)."""
     target = image_path(output)
+    results = results_files(results)
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
     found = [store.find_run(results, run) for run in runs]

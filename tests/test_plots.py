@@ -278,6 +278,15 @@ def test_cli_plots_read_several_results_files(tmp_path, captured_plots):
     assert [r.run for r in captured_plots["density"][-1][0][0]] == ["ce-drw", "ce-drw-sam"]
     _one_error_line(_cli("plot", "ratio", files[0], tmp_path / "nope.h5", "-o", tmp_path / "x.png"),
                     r"results file not found: .*nope\.h5")
+    # A run folder stands for its results.h5 (where `spectra train --spectra-every` writes).
+    for f in files:
+        (tmp_path / f.stem).mkdir()
+        f.rename(tmp_path / f.stem / "results.h5")
+    res = _cli("plot", "ratio", tmp_path / "ce-drw", tmp_path / "ce-drw-sam" / "results.h5", "-o", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    assert list(captured_plots["ratio"][-1][0][0]) == ["ce-drw", "ce-drw-sam"]
+    _one_error_line(_cli("plot", "ratio", tmp_path, "-o", tmp_path / "x.png"),
+                    r"is a folder without results\.h5 \(train with --spectra-every N, or give a results file\)")
     assert _cli("plot", "ratio", "-o", tmp_path / "x.png").exit_code == 2  # no file: a usage error
 
 def test_cli_density_marks_extremes_only_from_eigs_of_the_same_hessian(tmp_path, captured_plots):
