@@ -61,7 +61,7 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
         if not chosen:
             kinds = sorted({r.kind for r in store.read_results(results)})
             raise click.ClickException(
-                f"{' + '.join(results)} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
+                f"{store.describe_files(results)} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
                 "the ratio needs `spectra eigs` or `spectra sweep` results")
     tables = {run: store.eigen_table(results, run=run) for run in chosen}
     names = store.class_names(results)

@@ -71,6 +71,7 @@ __all__ = [
     "StoreWarning",
     "ResultRecord",
     "ResultsFiles",
+    "describe_files",
     "EigenSeries",
     "Run",
     "entry_key",
@@ -657,8 +658,8 @@ def _paths(results: ResultsFiles) -> list[Path]:
     return list(unique.values())
 
 
-def _describe(results: ResultsFiles) -> str:
-    """How messages name ``results``: the file, or the files joined by '+'."""
+def describe_files(results: ResultsFiles) -> str:
+    """How messages name ``results``: the file, or the files (each once) joined by '+'."""
     return " + ".join(str(p) for p in _paths(results))
 
 
@@ -771,7 +772,7 @@ def find_run(path: ResultsFiles, run: "str | Run") -> Run:
     index = _run_index(path)
     if isinstance(run, Run):
         if run.key not in index:
-            raise ValueError(f"run {run.label!r} not in {_describe(path)}")
+            raise ValueError(f"run {run.label!r} not in {describe_files(path)}")
         return index[run.key]
     spec = str(run).rstrip("/") or str(run)
     labels = ", ".join(sorted(r.label for r in index.values())) or "none"
@@ -786,9 +787,9 @@ def find_run(path: ResultsFiles, run: "str | Run") -> Run:
         matches = [r for r in index.values() if r.folder == resolved]
     if len(matches) > 1:
         choices = ", ".join(sorted(r.label for r in matches))
-        raise ValueError(f"run {spec!r} is ambiguous in {_describe(path)}: it matches {choices}; give one of those")
+        raise ValueError(f"run {spec!r} is ambiguous in {describe_files(path)}: it matches {choices}; give one of those")
     if not matches:
-        raise ValueError(f"run {spec!r} not in {_describe(path)}; runs: {labels}")
+        raise ValueError(f"run {spec!r} not in {describe_files(path)}; runs: {labels}")
     return matches[0]
 
 
@@ -818,7 +819,7 @@ def _one_run(records: list[ResultRecord], path: ResultsFiles, what: str) -> list
     if len(keys) > 1:
         index = _run_index(path)
         names = ", ".join(sorted(index[k].label for k in keys))
-        raise ValueError(f"{_describe(path)} holds {what} of several runs ({names}); choose one (run=... / --run)")
+        raise ValueError(f"{describe_files(path)} holds {what} of several runs ({names}); choose one (run=... / --run)")
     return records
 
 
@@ -830,7 +831,7 @@ def _of_run(records: list[ResultRecord], run: "str | Run", path: ResultsFiles,
     if not selected:
         index = _run_index(path)
         having = ", ".join(sorted({index[r.run_key].label for r in records})) or "none"
-        raise ValueError(f"run {chosen.label!r} has no {what} in {_describe(path)}; runs with {what}: {having}")
+        raise ValueError(f"run {chosen.label!r} has no {what} in {describe_files(path)}; runs with {what}: {having}")
     return selected
 
 
@@ -855,7 +856,7 @@ def eigen_table(path: ResultsFiles, run: "str | Run | None" = None) -> dict[int,
     """
     records = read_results(path, kind="eigs")
     if not records:
-        raise ValueError(f"{_describe(path)} holds no eigenvalue (eigs) entries")
+        raise ValueError(f"{describe_files(path)} holds no eigenvalue (eigs) entries")
     what = "eigenvalue (eigs) entries"
     records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
     newest: dict[tuple[int, int], ResultRecord] = {}
@@ -880,7 +881,7 @@ def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, pat
         return
     shas = {str(r.provenance.get("checkpoint_sha256", "")) for r in (older, newer)}
     if len(shas) > 1:
-        raise ValueError(f"{_describe(path)}: run {newer.run!r} holds entries of different checkpoints at epoch {newer.epoch} "
+        raise ValueError(f"{describe_files(path)}: run {newer.run!r} holds entries of different checkpoints at epoch {newer.epoch} "
                          f"(class {newer.class_index}): {older.provenance.get('checkpoint_path')} and "
                          f"{newer.provenance.get('checkpoint_path')}; put them in separate folders (runs) or give them epochs")
 
@@ -908,12 +909,12 @@ def density_record(
     """The newest ``density`` entry of one class at one epoch (of one run)."""
     records = read_results(path, kind="density")
     if not records:
-        raise ValueError(f"{_describe(path)} holds no density entries")
+        raise ValueError(f"{describe_files(path)} holds no density entries")
     of_run = ""
     if run is not None:
         records = _of_run(records, run, path, "density entries")
         of_run = f" of run {find_run(path, run).label!r}"
     records = [r for r in records if r.class_index == class_index and r.epoch == epoch]
     if not records:
-        raise ValueError(f"no density entry for class {class_index} at epoch {epoch}{of_run} in {_describe(path)}")
+        raise ValueError(f"no density entry for class {class_index} at epoch {epoch}{of_run} in {describe_files(path)}")
     return _one_run(records, path, f"density entries for class {class_index} at epoch {epoch}")[-1]
