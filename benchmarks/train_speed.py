@@ -45,7 +45,7 @@ def write_synthetic_cifar10(root: Path, seed: int = 0) -> None:
         pickle.dump({"data": data[:1000], "labels": labels[:1000].tolist()}, fh)
 
 
-def config(args: argparse.Namespace, root: str, mode: str, channels_last: bool) -> TrainConfig:
+def config(args: argparse.Namespace, root: str, mode: str, channels_last: bool | None) -> TrainConfig:
     return resolve_config(
         args.method, "cifar10-lt", data_root=root, device=args.device, compile=mode, amp=args.amp, arch=args.arch,
         channels_last=channels_last, batch_size=args.batch_size, progress=False, max_test_samples=1000,
@@ -53,8 +53,8 @@ def config(args: argparse.Namespace, root: str, mode: str, channels_last: bool) 
     )
 
 
-def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float | str]:
-    cfg = config(args, root, mode, args.channels_last)
+def measure(mode: str, args: argparse.Namespace, root: str, channels_last: bool | None) -> dict[str, float | str]:
+    cfg = config(args, root, mode, channels_last)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, out, log=print)
         trainer.prepare()
@@ -69,8 +69,9 @@ def measure(mode: str, args: argparse.Namespace, root: str) -> dict[str, float |
             steps = steps_per_epoch if timed is None else min(timed, steps_per_epoch)
             per_epoch.append(stats["epoch_time_s"] * steps_per_epoch / steps)
         used = "eager (capture failed)" if trainer._graph_failed else trainer.compile_mode
+        layout = "NHWC" if trainer.channels_last else "NCHW"
     sec = float(np.median(per_epoch))
-    return {"mode": used, "s_per_epoch": sec, "img_per_s": steps_per_epoch * args.batch_size / sec, "warmup_s": warmup}
+    return {"mode": f"{used}, {layout}", "s_per_epoch": sec, "img_per_s": steps_per_epoch * args.batch_size / sec, "warmup_s": warmup}
 
 
 def measure_concurrent(n: int, args: argparse.Namespace, root: str) -> dict[str, float]:
@@ -78,7 +79,7 @@ def measure_concurrent(n: int, args: argparse.Namespace, root: str) -> dict[str,
     ``spectra.train.fit_many``): seconds per epoch of all ``n`` together."""
     import contextlib
 
-    cfg = config(args, root, args.concurrent_mode, False)
+    cfg = config(args, root, args.concurrent_mode, args.channels_last)
     with tempfile.TemporaryDirectory() as out:
         trainers = [Trainer(cfg, Path(out) / str(i), log=print) for i in range(n)]
         cuda = args.device.startswith("cuda")
@@ -134,7 +135,9 @@ def main() -> None:
     parser.add_argument("--steps", type=positive(int), default=None, help="time only the first N steps of each epoch (CPU)")
     parser.add_argument("--batch-size", type=positive(int), default=128)
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                        help="NHWC only (default: NCHW and NHWC on a CPU, the trainer's default on CUDA)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW only")
     parser.add_argument("--concurrent", type=non_negative(int), default=0, help="also time N runs in lockstep on N CUDA streams (fit_many)")
     parser.add_argument("--concurrent-mode", default="auto", help="--compile mode of the concurrent runs and the ensemble")
     parser.add_argument("--ensemble", type=non_negative(int), default=0, help="also time N runs as one vectorised ensemble (fit_ensemble)")
@@ -162,11 +165,13 @@ def report(args: argparse.Namespace, modes: list[str]) -> None:
             root = tmp
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
         n = sum(lt_class_counts(10, 5000, 100))
-        print(f"# {args.method}, {args.arch}, CIFAR-10-LT ({min(n, args.max_train_samples or n)} images), batch {args.batch_size}, amp {args.amp}, channels_last {args.channels_last}, {name}")
-        print(f"{'mode':<24} {'s/epoch':>9} {'img/s':>9} {'warm-up s':>10}")
+        print(f"# {args.method}, {args.arch}, CIFAR-10-LT ({min(n, args.max_train_samples or n)} images), batch {args.batch_size}, amp {args.amp}, {name}")
+        print(f"{'mode, memory format':<30} {'s/epoch':>9} {'img/s':>9} {'warm-up s':>10}")
+        layouts = [args.channels_last] if args.channels_last is not None or args.device != "cpu" else [False, True]
         for mode in modes:
-            r = measure(mode, args, root)
-            print(f"{r['mode']:<24} {r['s_per_epoch']:>9.3f} {r['img_per_s']:>9.0f} {r['warmup_s']:>10.1f}", flush=True)
+            for channels_last in layouts:
+                r = measure(mode, args, root, channels_last)
+                print(f"{r['mode']:<30} {r['s_per_epoch']:>9.3f} {r['img_per_s']:>9.0f} {r['warmup_s']:>10.1f}", flush=True)
         if args.concurrent:
             r = measure_concurrent(args.concurrent, args, root)
             print(f"{args.concurrent} concurrent runs ({args.concurrent_mode}): {r['s_per_epoch_all']:.3f} s per epoch of all runs, "

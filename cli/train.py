@@ -46,7 +46,8 @@ def _methods_help() -> str:
 @click.option("--compile", "compile_mode", type=click.Choice(["auto", "off", "graphs", "inductor", "max"]), default=None,
               help="Speed-up: graphs = CUDA-graph capture of the whole step, inductor = torch.compile, max = both; auto = graphs on CUDA, off on CPU.")
 @click.option("--amp", type=click.Choice(["off", "bf16"]), default=None, help="bf16 autocast [default: off].")
-@click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last (NHWC) memory format [default: on for CPUs, where it trains ResNet-32 1.3x faster; off on CUDA].")
 @click.option("--spectra-every", type=click.IntRange(min=0), default=None, help="Per-class Hessian λmax/λmin every N epochs into results.h5 (the schema of spectra sweep) and spectra.jsonl (0: off).")
 @click.option("--sync-bn", is_flag=True, default=None, help="Under torchrun on GPUs: SyncBatchNorm (statistics of the global batch instead of each rank's rows).")
 @click.option("--max-train-samples", type=click.IntRange(min=1), default=None, help="Train on about N images (every class kept): quick checks.")

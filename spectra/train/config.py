@@ -76,7 +76,7 @@ class TrainConfig:
     device: str = "auto"
     compile: str = "auto"  # off | graphs | inductor | max | auto (graphs on CUDA, off on CPU)
     amp: str = "off"  # off | bf16
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on for CPUs (measured 1.3x faster for ResNet-32), off on CUDA
     sync_bn: bool = False  # under torchrun on GPUs: SyncBatchNorm (batch statistics of the global batch)
     eval_every: int = 1
     eval_batch_size: int = 1000

@@ -32,6 +32,8 @@ in place at its epoch).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -194,7 +196,9 @@ class Ensemble:
         if len(configs) != len(out_dirs):
             raise ValueError(f"{len(configs)} configs but {len(out_dirs)} output folders")
         check_ensemble_compatible(configs)
-        self.members = [Trainer(c, d, resume=resume, log=log) for c, d in zip(configs, out_dirs)]
+        # Stacked (K, …) weights are contiguous, so members compute NCHW (stored as channels_last=False).
+        contiguous = [dataclasses.replace(c, channels_last=False) for c in configs]
+        self.members = [Trainer(c, d, resume=resume, log=log) for c, d in zip(contiguous, out_dirs)]
         lead = self.members[0]
         self.lead, self.config, self.device, self.log = lead, lead.config, lead.device, lead.log
         if lead.dist.is_distributed:
@@ -206,6 +210,8 @@ class Ensemble:
         self.batches = _SharedEpochBatches(lead.batches)
         for m in self.members:
             m.batches = self.batches
+        if any(c.channels_last for c in configs):
+            self.log("ensembles compute in the contiguous memory format: channels_last is ignored")
         self._stack_state()
         self.compile_mode = lead.compile_mode
         self._graph: Any = None

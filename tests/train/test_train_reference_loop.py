@@ -177,7 +177,7 @@ def test_trainer_equals_plain_reference_loop(method, loss, drw, rho, last_batch,
     cfg = resolve_config(method, data_root=str(data_root), epochs=EPOCHS, batch_size=16, progress=False,
                          imbalance_ratio=10.0, arch="smooth_net:SmoothNet", warmup_epochs=WARMUP, lr_milestones=list(MILESTONES),
                          drw_epoch=DRW_EPOCH, compile="off", device="cpu", last_batch=last_batch, lpf_samples=2,
-                         lpf_sigma=0.01)
+                         lpf_sigma=0.01, channels_last=False)  # NCHW as the loop; NHWC vs NCHW: test_train_runs.py
     assert (cfg.rho if cfg.optimizer == "sam" else None) == rho
     trainer = Trainer(cfg, tmp_path / method, log=lambda m: None)
     trainer.prepare()

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from cifar_format_fixture import write_cifar10, write_cifar100
 from spectra.models import build_model
 from spectra.train import METHODS, fit, load_training_checkpoint, model_from_checkpoint, resolve_config
+from spectra.train.trainer import Trainer
 
 TINY = dict(batch_size=32, eval_batch_size=64, progress=False, imbalance_ratio=10.0, lpf_samples=2, pgd_interval=2)
 
@@ -324,3 +325,35 @@ def test_sync_bn_on_a_cpu_is_refused_in_one_process_too(cifar10_root, tmp_path):
         fit(resolve_config("ce", data_root=str(cifar10_root), epochs=1, device="cpu", sync_bn=True, **TINY),
             tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def _first_conv(model: torch.nn.Module) -> torch.Tensor:
+    return next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("method", ["ce-drw-sam", "ce-drw-pgd", "ce-drw-lpf"])
+def test_channels_last_is_the_cpu_default_and_changes_only_rounding(method, cifar10_root, tmp_path):
+    """The same run in NHWC (the CPU default) and NCHW ends with the same weights up to fp32 rounding, on
+    the tanh network of the reference-loop test (a ReLU kink turns rounding into another path)."""
+    base = dict(data_root=str(cifar10_root), epochs=2, drw_epoch=1, device="cpu", arch="smooth_net:SmoothNet", **TINY)
+    nhwc = fit(resolve_config(method, **base), tmp_path / "auto", log=lambda m: None)  # channels_last=None: on for CPUs
+    nchw = fit(resolve_config(method, channels_last=False, **base), tmp_path / "nchw", log=lambda m: None)
+    assert _first_conv(nhwc.model).is_contiguous(memory_format=torch.channels_last) and not _first_conv(nhwc.model).is_contiguous()
+    assert _first_conv(nchw.model).is_contiguous()
+    sa, sb = nhwc.model.state_dict(), nchw.model.state_dict()
+    assert not all(torch.equal(sa[k], sb[k]) for k in sa)  # the two formats really ran different kernels
+    initial = Trainer(resolve_config(method, **base), tmp_path / "initial", log=lambda m: None).model.state_dict()
+    assert max(float((sa[k].double() - v.double()).abs().max()) for k, v in initial.items()) > 1e-2  # the runs did train
+    for k in sa:  # the reference-loop test's bound
+        assert (sa[k].double() - sb[k].double()).norm() <= 1e-4 * sb[k].double().norm() + 1e-7, k
+    reloaded = model_from_checkpoint(load_training_checkpoint(tmp_path / "auto" / "last.pt", map_location="cpu"))
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in sa.items())
+
+
+def test_resume_may_change_the_memory_format(cifar10_root, tmp_path):
+    """A run made with channels_last=False (the old default) resumes under the new default (None)."""
+    base = dict(data_root=str(cifar10_root), epochs=2, device="cpu", arch="resnet8", **TINY)
+    fit(resolve_config("ce-sam", channels_last=False, time_limit_s=1e-6, **base), tmp_path / "run", log=lambda m: None)
+    resumed = fit(resolve_config("ce-sam", **base), tmp_path / "run", resume=True, log=lambda m: None)
+    assert resumed.summary["epochs_completed"] == 2
+    assert _first_conv(resumed.model).is_contiguous(memory_format=torch.channels_last)
