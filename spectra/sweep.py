@@ -311,12 +311,20 @@ def _store(writer: ResultsWriter | None, record: ResultRecord | None, summary: S
 _Job = tuple[str, int, str]
 
 
+# A job whose checkpoint is byte-identical to a pending one's (another run's copy): it gets a copy
+# of that job's entry once computed. (job path, checkpoint, class, kind, entry key)
+_Twin = tuple[Path, LoadedCheckpoint, int, str, str]
+
+
 def _pending_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter, summary: SweepSummary,
-                  ) -> tuple[list[_Job], list[SweepEvent]]:
-    """Rank 0's list of the jobs not stored yet, and events for the skipped ones."""
+                  ) -> tuple[list[_Job], list[SweepEvent], list[_Twin]]:
+    """Rank 0's list of the jobs not stored yet, events for the skipped ones, and the twins of
+    pending jobs (computed once: the serial sweep copies the entry for them just the same)."""
     cache = DataCache(plan.data_options, rank=0, world=1)
     pending: list[_Job] = []
     events: list[SweepEvent] = []
+    twins: list[_Twin] = []
+    pending_keys: set[str] = set()
     for path in files:
         try:
             checkpoint, wanted, identity = _open_job_source(path, plan, cache)
@@ -329,9 +337,22 @@ def _pending_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWriter, su
                 key = entry_key(checkpoint.sha256, c, kind, plan.settings.with_kind(kind).settings_hash(identity))
                 if _stored(writer, key, checkpoint, summary):
                     events.append(SweepEvent(0, 0, path, checkpoint.epoch, c, kind, "skipped"))
+                elif key in pending_keys:
+                    twins.append((path, checkpoint, c, kind, key))
                 else:
+                    pending_keys.add(key)
                     pending.append((str(path), c, kind))
-    return pending, events
+    return pending, events, twins
+
+
+def _copy_for_twins(twins: list[_Twin], writer: ResultsWriter, summary: SweepSummary) -> Iterator[SweepEvent]:
+    """After the pending jobs: each twin's copy of its computed entry (a failed original fails it too)."""
+    for path, checkpoint, c, kind, key in twins:
+        event = SweepEvent(0, 0, path, checkpoint.epoch, c, kind, "skipped")
+        if not _stored(writer, key, checkpoint, summary):
+            event.status, event.message = "failed", "not computed: the same job of a byte-identical checkpoint failed"
+            summary.failed.append(f"{path} class {c} {kind}: {event.message}")
+        yield event
 
 
 class _JobRunner:
@@ -368,8 +389,9 @@ def _sweep_spreading_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWr
     summary = SweepSummary()
     listed = _pending_jobs(files, plan, writer, summary) if writer is not None else None
     pending: list[_Job] = sd.broadcast_from_writer(listed[0] if listed else None)
+    twins = listed[2] if listed else []
     world = sd.current_world_size()
-    total = len(pending) + summary.skipped + summary.copied + len(summary.failed)
+    total = len(pending) + len(twins) + summary.skipped + summary.copied + len(summary.failed)
     index = 0
     report = plan.progress if writer is not None else None
     for event in (listed[1] if listed else []):
@@ -400,6 +422,11 @@ def _sweep_spreading_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWr
                 event.message = value
             if report:
                 report(event)
+    for event in _copy_for_twins(twins, writer, summary) if writer is not None else ():
+        index += 1
+        event.index, event.total = index, total
+        if report:
+            report(event)
     return summary
 
 

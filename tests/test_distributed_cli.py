@@ -152,6 +152,24 @@ def test_sweep_spreading_jobs_stores_each_entry_once_and_resumes(env, tmp_path):
     assert "computed 0, skipped 6" in rerun.stdout
 
 
+def test_sweep_spreading_jobs_computes_byte_identical_checkpoints_once(env, tmp_path):
+    """A run folder holding a copy of another run's checkpoint (a fine-tune started from it): both jobs
+    are new, one rank computes it and the twin gets a copy of the entry, as in the serial sweep."""
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    ckpt = sorted(env["run"].glob("ckpt_epoch*.pt"))[0]
+    (twin / ckpt.name).write_bytes(ckpt.read_bytes())
+    out = tmp_path / "jobs.h5"
+    proc = torchrun(env, "sweep", ckpt, twin, "--classes", "0,1", "--spread", "jobs", *analysis_args(env), "--out", out)
+    assert "computed 2, skipped 0 (already stored), copied 2" in proc.stdout
+    records = store.read_results(out)
+    copies = [r for r in records if "alias_of" in r.provenance]
+    assert len(records) == 4 and sorted(r.run for r in copies) == ["twin", "twin"]
+    originals = {r.key: r for r in records}
+    for r in copies:
+        assert_same_arrays(originals[r.provenance["alias_of"]], r, rtol=0)
+
+
 def test_data_parallel_training_matches_one_process(env, tmp_path):
     """1 short epoch of CE+DRW+SAM (class weights on from the start) with a BN-free net:
     the same loss and weights as one process with the global batch; --spectra-every
