@@ -41,8 +41,8 @@ pids=()
 for method in ce-drw ce-drw-sam; do
     extra=()
     if [ -f "$OUT/$method/summary.json" ]; then continue; fi   # finished
-    if [ -f "$OUT/$method/last.pt" ]; then extra=(--resume)   # its settings come from the run
-    elif [ "$method" = ce-drw-sam ] && [ -n "$RHO" ]; then extra=(--rho "$RHO"); fi
+    if [ -f "$OUT/$method/last.pt" ]; then extra=(--resume); fi   # with the same settings as the run
+    if [ "$method" = ce-drw-sam ] && [ -n "$RHO" ]; then extra+=(--rho "$RHO"); fi
     OMP_NUM_THREADS=1 run spectra train --method "$method" --dataset cifar10-lt --data-root "$DATA_ROOT" \
         --epochs "$EPOCHS" --seed "$SEED" --eval-every 2 --save-every "$SPECTRA_EVERY" --spectra-every "$SPECTRA_EVERY" \
         --set arch="$ARCH" --set spectra_samples_per_class="$SAMPLES" --device cpu --no-progress \

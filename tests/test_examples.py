@@ -90,3 +90,14 @@ def test_figure_script_commands_parse(script: str, names: list[str]) -> None:
         ratio = next(c for c in commands if c[1:3] == ["plot", "ratio"])
         assert [a for a in ratio if a.endswith("results.h5")] == [
             "runs/cifar10lt-figure-cpu/ce-drw/results.h5", "runs/cifar10lt-figure-cpu/ce-drw-sam/results.h5"]
+
+
+def test_cpu_figure_script_resumes_the_sam_run_with_its_rho(tmp_path) -> None:
+    """A rerun after a cut: --resume and the same --rho (a resume with another ρ is refused)."""
+    (tmp_path / "ce-drw-sam").mkdir()
+    (tmp_path / "ce-drw-sam" / "last.pt").write_bytes(b"")
+    proc = subprocess.run(["bash", str(EXAMPLES / "cifar10lt_figure_cpu.sh")],
+                          env={**ENV, "DRY_RUN": "1", "DATA_ROOT": "/data", "RHO": "0.1", "OUT": str(tmp_path)},
+                          capture_output=True, text=True, check=True)
+    sam = [shlex.split(line[2:]) for line in proc.stderr.splitlines() if "--method ce-drw-sam" in line]
+    assert len(sam) == 1 and "--resume" in sam[0] and sam[0][sam[0].index("--rho") + 1] == "0.1"

@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -94,6 +94,17 @@ def channels_last_for(config: TrainConfig, device: torch.device) -> bool:
     1.31× (SAM) faster on a 2-core CPU; on GPUs fp32 NCHW is cuDNN's fast path (not measured
     otherwise). Only rounding changes: the same weights up to fp32 reordering."""
     return config.channels_last if config.channels_last is not None else device.type == "cpu"
+
+
+def _stored_memory_format(out_dir: Path) -> bool | None:
+    """The ``channels_last`` a run in ``out_dir`` was made with (None: its default, or no readable
+    last.pt — ``--resume`` then reports that itself). A resume without the option keeps it, so it
+    goes on bit for bit; an explicit ``--channels-last/--no-channels-last`` changes it."""
+    try:
+        stored = load_training_checkpoint(out_dir / "last.pt", map_location="cpu")["config"].get("channels_last")
+    except Exception:  # noqa: BLE001 - missing or damaged: _resume gives the one-line error
+        return None
+    return stored if isinstance(stored, bool) else None
 
 
 class TrainingDiverged(RuntimeError):
@@ -207,8 +218,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
         config.validate(new_run=not resume)  # a run made before a newer check must still resume (checked again if it starts over)
-        self.config = config
         self.out_dir = Path(out_dir)
+        if resume and config.channels_last is None:
+            config = replace(config, channels_last=_stored_memory_format(self.out_dir))
+        if config.data_root is not None:  # checkpoints record it: analyses from any folder find the data
+            config = replace(config, data_root=str(Path(config.data_root).expanduser().resolve()))
+        self.config = config
         self.device = resolve_device(config.device)
         self.dist = self._join_process_group()
         say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

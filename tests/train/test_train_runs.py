@@ -350,10 +350,28 @@ def test_channels_last_is_the_cpu_default_and_changes_only_rounding(method, cifa
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in sa.items())
 
 
-def test_resume_may_change_the_memory_format(cifar10_root, tmp_path):
-    """A run made with channels_last=False (the old default) resumes under the new default (None)."""
+def test_resume_keeps_the_stored_memory_format_unless_asked(cifar10_root, tmp_path):
+    """A run made with channels_last=False (the old default) resumes NCHW, bit for bit, when the option
+    is not given (None); an explicit channels_last=True switches it."""
     base = dict(data_root=str(cifar10_root), epochs=2, device="cpu", arch="resnet8", **TINY)
-    fit(resolve_config("ce-sam", channels_last=False, time_limit_s=1e-6, **base), tmp_path / "run", log=lambda m: None)
-    resumed = fit(resolve_config("ce-sam", **base), tmp_path / "run", resume=True, log=lambda m: None)
-    assert resumed.summary["epochs_completed"] == 2
-    assert _first_conv(resumed.model).is_contiguous(memory_format=torch.channels_last)
+    whole = fit(resolve_config("ce-sam", channels_last=False, **base), tmp_path / "whole", log=lambda m: None)
+    for name in ("kept", "switched"):
+        fit(resolve_config("ce-sam", channels_last=False, time_limit_s=1e-6, **base), tmp_path / name, log=lambda m: None)
+    kept = fit(resolve_config("ce-sam", **base), tmp_path / "kept", resume=True, log=lambda m: None)
+    assert kept.summary["epochs_completed"] == 2 and _first_conv(kept.model).is_contiguous()
+    assert all(torch.equal(v, whole.model.state_dict()[k]) for k, v in kept.model.state_dict().items())
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["channels_last"] is False
+    switched = fit(resolve_config("ce-sam", channels_last=True, **base), tmp_path / "switched", resume=True, log=lambda m: None)
+    assert switched.summary["epochs_completed"] == 2
+    assert _first_conv(switched.model).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_relative_data_root_is_recorded_absolute(cifar10_root, tmp_path, monkeypatch):
+    """`spectra train --data-root data` then `spectra eigs` from another folder: the checkpoint names the data."""
+    monkeypatch.chdir(cifar10_root.parent)
+    fit(resolve_config("ce", data_root=cifar10_root.name, epochs=1, device="cpu", arch="resnet8", **TINY), tmp_path / "run",
+        log=lambda m: None)
+    ckpt = load_training_checkpoint(tmp_path / "run" / "last.pt", map_location="cpu")
+    stored = ckpt["config"]["data_root"]
+    assert stored == str(cifar10_root.resolve()) == ckpt["dataset"]["root"]  # the analyses read the latter
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == stored
