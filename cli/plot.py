@@ -59,14 +59,15 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
     else:
         chosen = store.runs(results, kind="eigs")
         if not chosen:
-            kinds = sorted({r.kind for r in store.read_results(results)})
-            raise click.ClickException(
-                f"{store.describe_files(results)} holds no eigenvalue (eigs) entries (it holds: {', '.join(kinds) or 'nothing'}); "
-                "the ratio needs `spectra eigs` or `spectra sweep` results")
+            _refuse_without(results, "eigenvalue (eigs)", "the ratio needs `spectra eigs` or `spectra sweep` results")
     tables = {run: store.eigen_table(results, run=run) for run in chosen}
     names = store.class_names(results)
     for note in missing_extremes(tables, names):
         click.echo(f"note: {note}", err=True)
+    differ = store.settings_differences(r for run in chosen for r in store.newest_eigs_entries(results, run).values())
+    if differ:
+        click.echo(f"note: the figure mixes entries computed with different settings ({', '.join(differ)}); each point "
+                   "is the newest entry of its run, epoch and class", err=True)
     plot_ratio(tables, names, store.class_sizes(results), out=target, log_scale=log_scale, title=title)
     click.echo(f"wrote {target}")
 
@@ -88,6 +89,8 @@ def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], 
     --loss, --dtype). Several RESULTS files are read as one (a run folder: its results.h5)."""
     target = image_path(output)
     results = results_files(results)
+    if not store.runs(results, kind="density"):
+        _refuse_without(results, "density", "the plot needs `spectra density` or `spectra sweep --density` results")
     names = store.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
     found = [store.find_run(results, run) for run in runs]
@@ -108,6 +111,13 @@ def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], 
     extremes = _extremes(results, records[0]) if len(records) == 1 else None
     plot_density(records, out=target, extremes=extremes, labels=labels)
     click.echo(f"wrote {target}")
+
+
+def _refuse_without(results: tuple[str, ...], kind: str, needs: str) -> None:
+    """One-line error for files holding no entry of ``kind`` (naming what they do hold)."""
+    kinds = sorted({r.kind for r in store.read_results(results)})
+    raise click.ClickException(f"{store.describe_files(results)} holds no {kind} entries "
+                               f"(it holds: {', '.join(kinds) or 'nothing'}); {needs}")
 
 
 def _extremes(results: tuple[str, ...], record: store.ResultRecord) -> tuple[float, float] | None:

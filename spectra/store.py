@@ -53,7 +53,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -854,15 +854,7 @@ def eigen_table(path: ResultsFiles, run: "str | Run | None" = None) -> dict[int,
     at one epoch raise ``ValueError``). λmax = ``top[0]`` and
     λmin = ``bottom[0]``; an entry stored with top-k 0 (bottom-k 0) gives NaN.
     """
-    records = read_results(path, kind="eigs")
-    if not records:
-        raise ValueError(f"{describe_files(path)} holds no eigenvalue (eigs) entries")
-    what = "eigenvalue (eigs) entries"
-    records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
-    newest: dict[tuple[int, int], ResultRecord] = {}
-    for r in records:  # sorted by creation time within (run, epoch, class)
-        _refuse_two_checkpoints(newest.get((r.class_index, r.epoch)), r, path)
-        newest[(r.class_index, r.epoch)] = r
+    newest = newest_eigs_entries(path, run)
     table: dict[int, EigenSeries] = {}
     for c in sorted({c for c, _ in newest}):
         rows = sorted(((e, r) for (cc, e), r in newest.items() if cc == c), key=lambda row: row[0])
@@ -872,6 +864,36 @@ def eigen_table(path: ResultsFiles, run: "str | Run | None" = None) -> dict[int,
             lambda_min=np.array([lambda_extremes(r)[0] for _, r in rows], dtype=np.float64),
         )
     return table
+
+
+def newest_eigs_entries(path: ResultsFiles, run: "str | Run | None" = None) -> dict[tuple[int, int], ResultRecord]:
+    """The ``eigs`` entry each point of :func:`eigen_table` comes from: ``{(class, epoch): record}``."""
+    records = read_results(path, kind="eigs")
+    if not records:
+        raise ValueError(f"{describe_files(path)} holds no eigenvalue (eigs) entries")
+    what = "eigenvalue (eigs) entries"
+    records = _one_run(records, path, what) if run is None else _of_run(records, run, path, what)
+    newest: dict[tuple[int, int], ResultRecord] = {}
+    for r in records:  # sorted by creation time within (run, epoch, class)
+        _refuse_two_checkpoints(newest.get((r.class_index, r.epoch)), r, path)
+        newest[(r.class_index, r.epoch)] = r
+    return newest
+
+
+# Provenance that the settings hash covers, by the name a user knows it by (for messages).
+SETTINGS_FIELDS = ("split", "dataset", "algorithm_params", "seed", "dtype", "loss_fn", "params")
+
+
+def settings_differences(records: Iterable[ResultRecord]) -> list[str]:
+    """Where entries computed with different settings (``settings_hash``) differ: the fields of
+    :data:`SETTINGS_FIELDS` with several values, plus the per-class sample cap when only it
+    differs (``['split', ...]``; empty when all share one settings hash)."""
+    records = list(records)
+    if len({r.provenance.get("settings_hash") for r in records}) < 2:
+        return []
+    differ = [f for f in SETTINGS_FIELDS if len({json.dumps(r.provenance.get(f), sort_keys=True, default=str)
+                                                  for r in records}) > 1]
+    return differ or ["per-class sample cap (--max-samples)"]
 
 
 def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, path: ResultsFiles) -> None:

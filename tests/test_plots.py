@@ -171,6 +171,13 @@ def test_cli_density_only_file(tmp_path, captured_plots):
         assert sorted(r.class_index for r in args[0]) == [0, 2] and kwargs["extremes"] is None
     _one_error_line(_cli("plot", "density", path, "--class", "1", "--epoch", "3", "-o", tmp_path / "x.png"),
                     r"no density entry for class 1 at epoch 3")
+    eigs_only, empty = tmp_path / "e.h5", tmp_path / "empty.h5"
+    with ResultsWriter(eigs_only) as w:
+        w.write(make_record(3, 2, 3.0, -1.0, run="ce-drw"))
+    ResultsWriter(empty).close()  # e.g. a sweep whose only job failed
+    for f, held in ((eigs_only, "eigs"), (empty, "nothing")):
+        _one_error_line(_cli("plot", "density", f, "--class", "9", "--epoch", "1", "-o", tmp_path / "x.png"),
+                        rf"holds no density entries \(it holds: {held}\)")
 
 
 def test_cli_density_overlays_runs(tmp_path, captured_plots):
@@ -318,3 +325,23 @@ def test_a_ratio_panel_of_one_epoch_has_whole_epoch_ticks():
     fig = plots.plot_ratio({"run": {0: EigenSeries(np.array([200]), np.array([5.0]), np.array([-0.5]))}}, {0: "a"}, {0: 10})
     ticks = [t for t in fig.axes[0].get_xticks() if 199 <= t <= 201]
     assert ticks and all(float(t).is_integer() for t in ticks) and 200 in ticks
+
+
+def test_cli_ratio_says_when_it_mixes_settings(tmp_path, captured_plots):
+    """A re-sweep of one run on the test split beside another run's train-split entries: plotted, with a note."""
+    path = tmp_path / "mixed.h5"
+    with ResultsWriter(path) as w:
+        w.write(make_record(1, 0, 10.0, -1.0, run="ce-drw-sam"))
+        test_split = make_record(1, 0, 10.0, -2.0, run="ce-drw", settings="t" * 64)
+        test_split.provenance["split"] = "test"
+        w.write(test_split)
+    res = _cli("plot", "ratio", path, "-o", tmp_path / "r.png")
+    assert res.exit_code == 0, res.output
+    assert "note: the figure mixes entries computed with different settings (split)" in res.stderr
+    only_cap = make_record(5, 0, 10.0, -1.0, run="ce-drw-sam", settings="c" * 64)  # same fields, other hash
+    with ResultsWriter(path) as w:
+        w.write(only_cap)
+    res = _cli("plot", "ratio", path, "--run", "ce-drw-sam", "-o", tmp_path / "r.png")
+    assert "(per-class sample cap (--max-samples))" in res.stderr
+    res = _cli("plot", "ratio", path, "--run", "ce-drw", "-o", tmp_path / "r.png")
+    assert res.exit_code == 0 and "note" not in res.stderr

@@ -238,6 +238,7 @@ class Trainer:
         self.start_epoch = 1
         self.best: dict[str, Any] | None = None
         self.metrics: dict[str, Any] = {}
+        self._stored_spectra_every = 0  # the resumed run's own --spectra-every (_resume)
         if resume:
             self._resume()
         self.compile_mode = self._resolve_compile()
@@ -583,6 +584,7 @@ class Trainer:
             raise ValueError(f"--resume: {path} has no {', '.join(missing)}; only a checkpoint with optimizer state "
                              "(last.pt, or a ckpt_epochNNNN.pt saved with snapshot_optimizer=true) resumes a run")
         saved = dict(ckpt["config"])
+        self._stored_spectra_every = int(saved.get("spectra_every") or 0)
         mine = self.config.to_dict()
         # Run-control settings may change on resume; the recipe may not, nor the test subset (max_test_samples:
         # the accuracies of one metrics log must stay comparable).
@@ -708,7 +710,7 @@ class Trainer:
         self.epoch += 1
         if over_time and not final:
             self._stopped_early = True
-            self.log(f"[{c.method}] time limit {c.time_limit_s:.0f} s reached after epoch {epoch}; stopping")
+            self.log(f"[{c.method}] time limit {c.time_limit_s:g} s reached after epoch {epoch}; stopping")
         self.done = final or over_time
 
     def _is_probe_epoch(self, epoch: int) -> bool:
@@ -738,8 +740,12 @@ class Trainer:
             cut = (self.out_dir / checkpoint_name(epoch)).is_file() and epoch not in self._logged_epochs("spectra.jsonl")
         if not sd.broadcast_from_writer(cut):
             return
-        self.log(f"[{self.config.method}] the spectra probe of epoch {epoch} did not finish (no line in spectra.jsonl); "
-                 "running it again")
+        every = self._stored_spectra_every
+        if every and (epoch % every == 0 or epoch == 1):
+            self.log(f"[{self.config.method}] the spectra probe of epoch {epoch} did not finish (no line in spectra.jsonl); "
+                     "running it again")
+        else:  # the run was made without this probe epoch (--spectra-every new or changed on resume)
+            self.log(f"[{self.config.method}] running the spectra probe of epoch {epoch}, the epoch resumed from")
         self._run_probe(epoch)
 
     def _check_finite(self, stats: dict[str, float]) -> None:

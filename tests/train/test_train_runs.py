@@ -375,3 +375,14 @@ def test_a_relative_data_root_is_recorded_absolute(cifar10_root, tmp_path, monke
     stored = ckpt["config"]["data_root"]
     assert stored == str(cifar10_root.resolve()) == ckpt["dataset"]["root"]  # the analyses read the latter
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == stored
+
+
+def test_a_probe_added_on_resume_is_not_called_unfinished(cifar10_root, tmp_path):
+    base = dict(data_root=str(cifar10_root), epochs=2, device="cpu", arch="resnet8", **TINY)
+    fit(resolve_config("ce", time_limit_s=1e-6, **base), tmp_path / "run", log=lambda m: None)  # epoch 1, no probe
+    logs: list[str] = []
+    fit(resolve_config("ce", spectra_every=1, spectra_samples_per_class=2, spectra_max_iter=3, **base), tmp_path / "run",
+        resume=True, log=logs.append)
+    assert any("running the spectra probe of epoch 1, the epoch resumed from" in m for m in logs), logs
+    assert not any("did not finish" in m for m in logs)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "spectra.jsonl").read_text().splitlines()] == [1, 2]
