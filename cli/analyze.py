@@ -179,6 +179,14 @@ def eigs(checkpoint: str, classes: str, **opts: Any) -> None:
                        f"bottom {', '.join(fmt(float(v)) for v in r.arrays['bottom'])}")
 
 
+def negative_mass(record: ResultRecord) -> float:
+    """Share of the spectrum below −σ (the density's kernel width), averaged over probes: the
+    quadrature weight of nodes < −σ. Eigenvalues within σ of 0 are the bulk at that resolution,
+    whichever side of 0 rounding puts its nodes on."""
+    nodes, weights = record.arrays["nodes"], record.arrays["weights"]
+    return float((weights * (nodes < -float(record.provenance["sigma"]))).sum(axis=1).mean())
+
+
 @_per_class_command("density", density_options, click.option(
     "--plot", "plot_path", type=FigurePath(), default=None,
     help="Write a figure of the density, format from the suffix (png, pdf, svg, ...); one file per class, "
@@ -192,12 +200,11 @@ def density(checkpoint: str, classes: str, plot_path: str | None, **opts: Any) -
 
     def row(r: ResultRecord) -> list[Any]:
         p, a = r.provenance, r.arrays
-        nodes, weights = a["nodes"], a["weights"]
-        negative = float((weights * (nodes < 0)).sum(axis=1).mean())
+        nodes = a["nodes"]
         return [f"{p['class_index']} {p['class_name']}", p["num_samples"], float(p["loss"]), float(nodes.min()),
-                float(nodes.max()), negative, float(p["sigma"]), p["num_matvecs"], f"{p['wall_time_s']:.1f}s"]
+                float(nodes.max()), negative_mass(r), float(p["sigma"]), p["num_matvecs"], f"{p['wall_time_s']:.1f}s"]
 
-    _report(records, ["class", "n", "loss", "min node", "max node", "mass < 0", "sigma", "HVPs", "time"], row, opts)
+    _report(records, ["class", "n", "loss", "min node", "max node", "mass < -sigma", "sigma", "HVPs", "time"], row, opts)
 
 
 def _plot_density(record: ResultRecord, target: Path, several: bool) -> None:

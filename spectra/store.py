@@ -478,12 +478,27 @@ class ResultsWriter:
         self._lock_fd: int | None = None
         # Committed key -> (checkpoint_path, checkpoint_sha256): skips and copies are decided without reading the file
         self._origins: dict[str, tuple[str, str]] = {}
+        self._refuse_foreign_file()  # before the lock: a refused file gets no sidecar beside it
         self._acquire_lock()
         try:
             self._prepare_file()
         except BaseException:
             self.close()
             raise
+
+    def _refuse_foreign_file(self) -> None:
+        """Refuse a path holding something other than a spectra results file (checked again under
+        the lock; an HDF5 file another program holds open is left to that check)."""
+        if not self.path.exists():
+            return
+        if not self.path.is_file() or not h5py.is_hdf5(self.path):
+            raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError:
+            return
+        with f:
+            _check_schema(f, self.path)
 
     # -- locking
     def _acquire_lock(self) -> None:

@@ -80,7 +80,7 @@ def test_density_with_plot_and_trace(env, tmp_path):
     res = invoke("density", env["ckpt"], "--class", "3", "--probes", "2", "--steps", "10", "--plot", png,
                  "--data-root", env["root"], "--device", "cpu")
     assert res.exit_code == 0, res.output
-    assert png.read_bytes()[:8] == PNG_MAGIC and "mass < 0" in res.stdout
+    assert png.read_bytes()[:8] == PNG_MAGIC and "mass < -sigma" in res.stdout
     res = invoke("trace", env["ckpt"], "--class", "3", "--trace-probes", "9", "--json",
                  "--data-root", env["root"], "--device", "cpu")
     assert res.exit_code == 0, res.output
@@ -517,3 +517,14 @@ def test_damaged_results_file_reads_intact_entries_and_refuses_writes(env, tmp_p
     res = invoke("sweep", env["ckpt"], "--classes", "9", "--out", path, *fast(env))
     assert_user_error(res, rf"{path} is damaged")
     assert path.read_bytes() == before
+
+
+def test_negative_mass_leaves_the_bulk_near_zero_out():
+    """A bulk node at −0.0016 holding 99.6 % of the weight is not negative curvature at σ = 0.045."""
+    from spectra.store import ResultRecord
+    from spectra_cli.analyze import negative_mass
+
+    arrays = {"nodes": np.array([[-0.0016, -3.0, 50.0], [0.001, -0.5, 60.0]]),
+              "weights": np.array([[0.996, 0.002, 0.002], [0.99, 0.006, 0.004]])}
+    record = ResultRecord(provenance={"sigma": 0.045}, arrays=arrays)
+    assert negative_mass(record) == pytest.approx((0.002 + 0.006) / 2)

@@ -159,6 +159,7 @@ def test_foreign_and_non_hdf5_files_are_refused(tmp_path):
     with pytest.raises(StoreError, match="not an HDF5 file"):
         ResultsWriter(text)
     assert text.read_text() == "hello"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.h5", "notes.h5"]  # no .lock left beside them
     with pytest.raises(FileNotFoundError):
         store.read_results(tmp_path / "missing.h5")
 
