@@ -165,7 +165,7 @@ def _builtin_spec(options: DataOptions, recorded: dict[str, Any] | None) -> ds.D
     if options.root is not None:
         base["root"] = str(Path(options.root).expanduser().resolve())
     elif os.environ.get(ds.DATA_ROOT_ENV) or not (base.get("root") and Path(base["root"]).exists()):
-        base["root"] = None
+        base["root"] = str(ds.default_data_root().expanduser().resolve())  # recorded in the results: where the data really came from
     try:
         return ds.DatasetSpec.from_dict(base)
     except ValueError as exc:

@@ -118,3 +118,11 @@ def test_class_data_stays_on_a_gpu_under_half_its_free_memory(monkeypatch):
     for free, fits in ((802, True), (801, False)):  # 400 bytes of inputs < free // 2
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**9))
         assert data.fits_on(torch.device("cuda")) is fits
+
+
+def test_the_source_records_the_root_the_data_came_from(env, monkeypatch):
+    """$SPECTRA_DATA_ROOT wins over the checkpoint's recorded root (docs/cli.md); the description that
+    goes into the results' provenance names that folder, not null."""
+    ck = load_checkpoint(env["run"][0])
+    monkeypatch.setenv("SPECTRA_DATA_ROOT", str(env["root"]))
+    assert DataCache(DataOptions()).source(ck).description["root"] == str(env["root"].resolve())
