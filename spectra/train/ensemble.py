@@ -33,7 +33,6 @@ in place at its epoch).
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
