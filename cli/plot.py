@@ -60,11 +60,12 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
         chosen = store.runs(results, kind="eigs")
         if not chosen:
             _refuse_without(results, "eigenvalue (eigs)", "the ratio needs `spectra eigs` or `spectra sweep` results")
-    tables = {run: store.eigen_table(results, run=run) for run in chosen}
+    entries = {run: store.newest_eigs_entries(results, run) for run in chosen}
+    tables = {run: store.eigen_table_of(newest) for run, newest in entries.items()}
     names = store.class_names(results)
     for note in missing_extremes(tables, names):
         click.echo(f"note: {note}", err=True)
-    differ = store.settings_differences(r for run in chosen for r in store.newest_eigs_entries(results, run).values())
+    differ = store.settings_differences(r for newest in entries.values() for r in newest.values())
     if differ:
         click.echo(f"note: the figure mixes entries computed with different settings ({', '.join(differ)}); each point "
                    "is the newest entry of its run, epoch and class", err=True)

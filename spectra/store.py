@@ -86,6 +86,9 @@ __all__ = [
     "class_names",
     "class_sizes",
     "eigen_table",
+    "eigen_table_of",
+    "newest_eigs_entries",
+    "settings_differences",
     "density_record",
     "same_hessian_eigs",
     "lambda_extremes",
@@ -491,14 +494,17 @@ class ResultsWriter:
         the lock; an HDF5 file another program holds open is left to that check)."""
         if not self.path.exists():
             return
-        if not self.path.is_file() or not h5py.is_hdf5(self.path):
-            raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
+        self._refuse_non_hdf5()
         try:
             f = h5py.File(self.path, "r")
         except OSError:
             return
         with f:
             _check_schema(f, self.path)
+
+    def _refuse_non_hdf5(self) -> None:
+        if not self.path.is_file() or not h5py.is_hdf5(self.path):
+            raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
 
     # -- locking
     def _acquire_lock(self) -> None:
@@ -549,8 +555,7 @@ class ResultsWriter:
 
     def _prepare_file(self) -> None:
         if self.path.exists():
-            if not self.path.is_file() or not h5py.is_hdf5(self.path):
-                raise StoreError(f"{self.path} exists and is not an HDF5 file; refusing to overwrite it")
+            self._refuse_non_hdf5()
             with self._open() as f:
                 _check_schema(f, self.path)
                 try:
@@ -869,7 +874,11 @@ def eigen_table(path: ResultsFiles, run: "str | Run | None" = None) -> dict[int,
     at one epoch raise ``ValueError``). λmax = ``top[0]`` and
     λmin = ``bottom[0]``; an entry stored with top-k 0 (bottom-k 0) gives NaN.
     """
-    newest = newest_eigs_entries(path, run)
+    return eigen_table_of(newest_eigs_entries(path, run))
+
+
+def eigen_table_of(newest: dict[tuple[int, int], ResultRecord]) -> dict[int, EigenSeries]:
+    """:func:`eigen_table` from the entries :func:`newest_eigs_entries` chose (no second read)."""
     table: dict[int, EigenSeries] = {}
     for c in sorted({c for c, _ in newest}):
         rows = sorted(((e, r) for (cc, e), r in newest.items() if cc == c), key=lambda row: row[0])

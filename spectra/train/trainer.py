@@ -96,14 +96,20 @@ def channels_last_for(config: TrainConfig, device: torch.device) -> bool:
     return config.channels_last if config.channels_last is not None else device.type == "cpu"
 
 
-def _stored_memory_format(out_dir: Path) -> bool | None:
-    """The ``channels_last`` a run in ``out_dir`` was made with (None: its default, or no readable
-    last.pt — ``--resume`` then reports that itself). A resume without the option keeps it, so it
-    goes on bit for bit; an explicit ``--channels-last/--no-channels-last`` changes it."""
+def _readable_last(out_dir: Path) -> dict[str, Any] | None:
+    """``out_dir/last.pt`` loaded on the CPU, or None when it is missing or unreadable (``_resume``
+    then starts over or gives the one-line error)."""
     try:
-        stored = load_training_checkpoint(out_dir / "last.pt", map_location="cpu")["config"].get("channels_last")
-    except Exception:  # noqa: BLE001 - missing or damaged: _resume gives the one-line error
+        return load_training_checkpoint(out_dir / "last.pt", map_location="cpu")
+    except Exception:  # noqa: BLE001 - reported by _resume
         return None
+
+
+def _stored_memory_format(last: dict[str, Any] | None) -> bool | None:
+    """The ``channels_last`` the run of ``last`` was made with (None: its default, or no checkpoint).
+    A resume without the option keeps it, so it goes on bit for bit; an explicit
+    ``--channels-last/--no-channels-last`` changes it."""
+    stored = (last or {}).get("config", {}).get("channels_last")
     return stored if isinstance(stored, bool) else None
 
 
@@ -219,8 +225,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
         config.validate(new_run=not resume)  # a run made before a newer check must still resume (checked again if it starts over)
         self.out_dir = Path(out_dir)
+        last = _readable_last(self.out_dir) if resume else None  # read once: the format here, the state in _resume
         if resume and config.channels_last is None:
-            config = replace(config, channels_last=_stored_memory_format(self.out_dir))
+            config = replace(config, channels_last=_stored_memory_format(last))
         if config.data_root is not None:  # checkpoints record it: analyses from any folder find the data
             config = replace(config, data_root=str(Path(config.data_root).expanduser().resolve()))
         self.config = config
@@ -240,7 +247,7 @@ class Trainer:
         self.metrics: dict[str, Any] = {}
         self._stored_spectra_every = 0  # the resumed run's own --spectra-every (_resume)
         if resume:
-            self._resume()
+            self._resume(last)
         self.compile_mode = self._resolve_compile()
         self._forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
         if self.compile_mode in ("inductor", "max"):
@@ -563,8 +570,8 @@ class Trainer:
             "spectra_version": _spectra_version(),
         }
 
-    def _resume(self) -> None:
-        """Load ``last.pt`` and continue after its epoch. Without ``last.pt``, start
+    def _resume(self, ckpt: dict[str, Any] | None) -> None:
+        """Continue after the epoch of ``last.pt`` (``ckpt``: it, already loaded). Without ``last.pt``, start
         from scratch only when the folder holds no run (at most the log lines of an
         attempt killed before its first checkpoint); checkpoints or a summary
         without ``last.pt`` are refused, since starting over would overwrite them."""
@@ -578,7 +585,8 @@ class Trainer:
             self.log(f"--resume: no {path}; starting from scratch")
             self._truncate_logs(0)  # lines of an attempt killed before its first checkpoint
             return
-        ckpt = load_training_checkpoint(path, map_location="cpu")
+        if ckpt is None:  # unreadable: loading it again raises its one-line error
+            ckpt = load_training_checkpoint(path, map_location="cpu")
         missing = [key for key in ("config", "epoch", "state_dict", "optimizer", "rng", "train_state") if key not in ckpt]
         if missing:
             raise ValueError(f"--resume: {path} has no {', '.join(missing)}; only a checkpoint with optimizer state "
