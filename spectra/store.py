@@ -359,6 +359,23 @@ def _check_schema(f: h5py.File, path: Path) -> None:
         raise StoreError(f"{path} uses results schema version {version}; this spectra reads up to {SCHEMA_VERSION}")
 
 
+def _schema_doc_text() -> str:
+    return json.dumps(schema_doc(), sort_keys=True)
+
+
+def _refresh_schema_doc(f: h5py.File) -> None:
+    """Rewrite an appended file's ``schema_doc`` when this version describes the schema in
+    other words (same ``schema_version``, so old entries stay valid): the doc must describe the
+    entries this writer adds, e.g. attributes documented after the file was made."""
+    current = _schema_doc_text()
+    try:
+        stored = _to_python(f.attrs.get("schema_doc"))
+    except _H5_ERRORS:
+        stored = None
+    if stored != current:
+        f.attrs["schema_doc"] = current
+
+
 @contextmanager
 def _open_for_reading(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     path = Path(path)
@@ -558,6 +575,7 @@ class ResultsWriter:
             self._refuse_non_hdf5()
             with self._open() as f:
                 _check_schema(f, self.path)
+                _refresh_schema_doc(f)
                 try:
                     self._origins = {name: _origin(provenance)
                                      for name, _, provenance in _committed(f, self.path, _refuse_damaged(self.path))}
@@ -572,7 +590,7 @@ class ResultsWriter:
         with self._open() as f:
             f.attrs["schema"] = SCHEMA
             f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["schema_doc"] = json.dumps(schema_doc(), sort_keys=True)
+            f.attrs["schema_doc"] = _schema_doc_text()
             f.attrs["created_utc"] = _utc_now()
             f.require_group(ENTRIES)
 

@@ -56,6 +56,21 @@ def test_schema_attributes_and_plain_h5py_readback(tmp_path):
         np.testing.assert_allclose(g["bottom"][()], [-0.5])
 
 
+def test_appending_refreshes_an_older_schema_doc_and_keeps_entries(tmp_path):
+    path = tmp_path / "r.h5"
+    with ResultsWriter(path) as w:
+        first = w.write(make_record(10, 1, 5.0, -0.5))
+    old_doc = json.dumps({"schema": "spectra-results", "schema_version": 1, "entry_attributes": {}})
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_doc"] = old_doc  # as a file made by an earlier spectra
+    with ResultsWriter(path) as w:
+        second = w.write(make_record(20, 1, 4.0, -0.25))
+    with h5py.File(path, "r") as f:
+        assert json.loads(f.attrs["schema_doc"]) == store.schema_doc()
+        assert set(f["entries"]) == {first, second}
+    assert sorted(float(r.arrays["top"][0]) for r in store.read_results(path)) == [4.0, 5.0]
+
+
 def test_eigen_table_groups_classes_over_epochs(tmp_path):
     path = tmp_path / "r.h5"
     with ResultsWriter(path) as w:
