@@ -102,7 +102,7 @@ def build_configs(methods: list[str], args: argparse.Namespace) -> list:
 
 def refuse_existing_runs(methods: list[str], args: argparse.Namespace) -> None:
     """Never train over a run's files without --resume (the check `spectra train` makes)."""
-    from spectra.train.trainer import check_out_dir_is_free
+    from spectra.train.run_folder import check_out_dir_is_free
 
     if args.resume:
         return

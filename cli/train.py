@@ -63,7 +63,8 @@ def train(method: str, dataset: str, data_root: str | None, download: bool, out_
     Example: spectra train --method ce-drw-sam --dataset cifar10-lt --data-root DIR --out runs/ce-drw-sam
     """
     from spectra.store import StoreError
-    from spectra.train.trainer import check_out_dir_is_free, fit
+    from spectra.train import fit
+    from spectra.train.run_folder import check_out_dir_is_free
 
     options.update(data_root=str(Path(data_root).expanduser()) if data_root is not None else None, progress=progress)
     out = Path(out_dir)

@@ -13,11 +13,12 @@ from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_training_che
 from .ensemble import Ensemble, fit_ensemble, fit_ensembles, group_for_ensembles
 from .config import METHOD_DESCRIPTIONS, METHODS, TrainConfig, parse_override, resolve_config
 from .evaluation import class_groups, evaluate, tail_classes
+from .lockstep import fit_many
 from .losses import LDAMLoss, VSLoss, WeightedCrossEntropy, build_loss, effective_number_weights, ldam_margins, vs_scales_and_offsets
 from .sam import sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
-from .trainer import FitResult, Trainer, fit, fit_many
+from .trainer import FitResult, Trainer, fit
 
 __all__ = [
     "TrainConfig",

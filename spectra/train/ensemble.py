@@ -44,7 +44,8 @@ from torch.func import functional_call, vmap
 from .config import TrainConfig
 from .losses import LDAMLoss, VSLoss, WeightedCrossEntropy
 from .sgd import TensorLRSGD
-from .trainer import FitResult, Trainer, capture_step_graph, gradients_into, run_in_lockstep
+from .lockstep import run_in_lockstep
+from .trainer import FitResult, Trainer, capture_step_graph, gradients_into
 
 __all__ = ["Ensemble", "fit_ensemble", "fit_ensembles", "group_for_ensembles", "check_ensemble_compatible", "MEMBER_SETTINGS"]
 
@@ -186,7 +187,7 @@ class Ensemble:
     """K runs of one architecture, trained by one vectorised step (see the module docstring).
 
     Has :class:`Trainer`'s epoch protocol (``begin`` … ``finish``), so
-    :func:`~spectra.train.trainer.run_in_lockstep` can drive several ensembles
+    :func:`~spectra.train.lockstep.run_in_lockstep` can drive several ensembles
     on separate CUDA streams.
     """
 

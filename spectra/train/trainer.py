@@ -49,7 +49,6 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     atomic_torch_save,
-    atomic_write_bytes,
     atomic_write_json,
     checkpoint_name,
     load_training_checkpoint,
@@ -58,12 +57,21 @@ from .config import TrainConfig
 from .evaluation import evaluate, tail_classes
 from .losses import build_loss, effective_number_weights
 from .noise import LPFNoise, pgd_perturbation, split_like
+from .run_folder import (
+    PRE_CHECKPOINT_FILES,
+    check_out_dir_is_free,
+    existing_run_files,
+    listed,
+    logged_epochs,
+    readable_last,
+    stored_memory_format,
+    truncate_logs,
+)
 from .sam import global_grad_norm, sam_perturbation
 from .schedule import drw_active, learning_rate
 from .sgd import TensorLRSGD
 
-__all__ = ["Trainer", "FitResult", "TrainingDiverged", "fit", "fit_many", "run_in_lockstep", "capture_step_graph",
-           "resolve_device", "existing_run_files", "check_out_dir_is_free", "gradients_into"]
+__all__ = ["Trainer", "FitResult", "TrainingDiverged", "fit", "capture_step_graph", "resolve_device", "gradients_into"]
 
 # Stream ids of epoch_generator: one independent random stream per purpose.
 _DATA_STREAM, _NOISE_STREAM = 0, 1
@@ -96,54 +104,8 @@ def channels_last_for(config: TrainConfig, device: torch.device) -> bool:
     return config.channels_last if config.channels_last is not None else device.type == "cpu"
 
 
-def _readable_last(out_dir: Path) -> dict[str, Any] | None:
-    """``out_dir/last.pt`` loaded on the CPU, or None when it is missing or unreadable (``_resume``
-    then starts over or gives the one-line error)."""
-    try:
-        return load_training_checkpoint(out_dir / "last.pt", map_location="cpu")
-    except Exception:  # noqa: BLE001 - reported by _resume
-        return None
-
-
-def _stored_memory_format(last: dict[str, Any] | None) -> bool | None:
-    """The ``channels_last`` the run of ``last`` was made with (None: its default, or no checkpoint).
-    A resume without the option keeps it, so it goes on bit for bit; an explicit
-    ``--channels-last/--no-channels-last`` changes it."""
-    stored = (last or {}).get("config", {}).get("channels_last")
-    return stored if isinstance(stored, bool) else None
-
-
 class TrainingDiverged(RuntimeError):
     """The training loss (or a weight) became NaN or infinite; the message is one line."""
-
-
-def existing_run_files(out_dir: str | Path) -> list[str]:
-    """Names of the files of a training run in ``out_dir`` (checkpoints,
-    ``last.pt``, ``metrics.jsonl``, ``summary.json``), sorted; [] for none."""
-    folder = Path(out_dir)
-    if not folder.is_dir():
-        return []
-    names = {"last.pt", "metrics.jsonl", "summary.json"}
-    return sorted(p.name for p in folder.iterdir() if p.name in names or p.name.startswith("ckpt_") and p.suffix == ".pt")
-
-
-# Run files that an attempt killed before its first checkpoint leaves: they alone do not make a run to resume.
-_PRE_CHECKPOINT_FILES = frozenset({"metrics.jsonl"})
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-def check_out_dir_is_free(out_dir: str | Path) -> None:
-    """Raise ``ValueError`` (one line) when ``out_dir`` already holds the files
-    of a run (:func:`existing_run_files`): a new run would overwrite its
-    checkpoints and append a second run to its ``metrics.jsonl``. Collective
-    under torchrun (rank 0's view of the folder decides for every rank)."""
-    found = sd.broadcast_from_writer(existing_run_files(out_dir) if sd.is_writer() else None)
-    if found:
-        raise ValueError(f"{out_dir} already holds a run ({_listed(found)}); "
-                         "pass --resume to continue it or choose another --out")
 
 
 @dataclass
@@ -225,9 +187,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
         config.validate(new_run=not resume)  # a run made before a newer check must still resume (checked again if it starts over)
         self.out_dir = Path(out_dir)
-        last = _readable_last(self.out_dir) if resume else None  # read once: the format here, the state in _resume
+        last = readable_last(self.out_dir) if resume else None  # read once: the format here, the state in _resume
         if resume and config.channels_last is None:
-            config = replace(config, channels_last=_stored_memory_format(last))
+            config = replace(config, channels_last=stored_memory_format(last))
         if config.data_root is not None:  # checkpoints record it: analyses from any folder find the data
             config = replace(config, data_root=str(Path(config.data_root).expanduser().resolve()))
         self.config = config
@@ -577,9 +539,9 @@ class Trainer:
         without ``last.pt`` are refused, since starting over would overwrite them."""
         path = self.out_dir / "last.pt"
         if not path.is_file():
-            found = [name for name in existing_run_files(self.out_dir) if name not in _PRE_CHECKPOINT_FILES]
+            found = [name for name in existing_run_files(self.out_dir) if name not in PRE_CHECKPOINT_FILES]
             if found:
-                raise ValueError(f"--resume: {self.out_dir} holds run files ({_listed(found)}) but no last.pt to resume from; "
+                raise ValueError(f"--resume: {self.out_dir} holds run files ({listed(found)}) but no last.pt to resume from; "
                                  "restore last.pt (or copy the newest ckpt_epochNNNN.pt to it) or choose another --out")
             self.config.validate()  # a new run after all: every check applies
             self.log(f"--resume: no {path}; starting from scratch")
@@ -616,27 +578,8 @@ class Trainer:
         self.log(f"resumed {self.out_dir} at epoch {ckpt['epoch']}")
 
     def _truncate_logs(self, epoch: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (and a torn
-        last line). A log with nothing to drop is left untouched (same inode and
-        mode), so resuming a finished run changes no file."""
-        if not self.dist.is_writer:
-            return
-        for name in ("metrics.jsonl", "spectra.jsonl"):
-            path = self.out_dir / name
-            if not path.is_file():
-                continue
-            text = path.read_text()
-            kept = [ln for ln, record in _jsonl_records(path, text) if record.get("epoch", 0) <= epoch]
-            new = "".join(ln + "\n" for ln in kept)
-            if new != text:
-                atomic_write_bytes(path, new.encode())
-
-    def _logged_epochs(self, name: str) -> set[int]:
-        """Epochs that have a line in the run's log ``name`` (rank 0)."""
-        path = self.out_dir / name
-        if not path.is_file():
-            return set()
-        return {record.get("epoch") for _, record in _jsonl_records(path, path.read_text())}
+        if self.dist.is_writer:
+            truncate_logs(self.out_dir, epoch)
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if not self.dist.is_writer:
@@ -745,7 +688,7 @@ class Trainer:
             return
         cut = None
         if self.dist.is_writer:
-            cut = (self.out_dir / checkpoint_name(epoch)).is_file() and epoch not in self._logged_epochs("spectra.jsonl")
+            cut = (self.out_dir / checkpoint_name(epoch)).is_file() and epoch not in logged_epochs(self.out_dir, "spectra.jsonl")
         if not sd.broadcast_from_writer(cut):
             return
         every = self._stored_spectra_every
@@ -876,80 +819,6 @@ class Trainer:
             "images_per_s": (self.batches.images_per_epoch / per_epoch) if per_epoch else None,
             "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
         }
-
-
-def _jsonl_records(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(line, record)`` for each non-empty line of the JSON-lines ``text`` read
-    from ``path``. An unparsable last line without its newline is a write cut
-    short by a kill and is skipped; any other bad line raises ``ValueError``
-    naming the file and the line."""
-    lines = text.splitlines()
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            if number == len(lines) and not text.endswith("\n"):
-                continue
-            raise ValueError(f"{path} line {number} is not a JSON record ({exc.msg}); fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path} line {number} is not a JSON object")
-        out.append((line, record))
-    return out
-
-
-def run_in_lockstep(runners: list[Any], device: torch.device) -> list[Any]:
-    """Drive ``runners`` (objects with Trainer's epoch protocol: ``begin``,
-    ``done``, ``epoch``, ``start_train_epoch``, ``train_step``,
-    ``finish_train_epoch``, ``end_epoch``, ``finish``) step by step in
-    lockstep, each on its own CUDA stream on ``device`` (alternating on the
-    CPU); returns their ``finish()`` results."""
-    streams = [torch.cuda.Stream(device=device) if device.type == "cuda" else None for _ in runners]
-
-    def on(stream: Any) -> Any:
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    for r, st in zip(runners, streams):
-        with on(st):
-            r.begin()
-    while True:
-        active = [(r, st) for r, st in zip(runners, streams) if not r.done]
-        if not active:
-            break
-        steps = {}
-        for r, st in active:
-            with on(st):
-                steps[id(r)] = r.start_train_epoch(r.epoch)
-        for i in range(max(steps.values())):
-            for r, st in active:
-                if i < steps[id(r)]:
-                    with on(st):
-                        r.train_step(i)
-        for r, st in active:
-            with on(st):
-                r.end_epoch(r.finish_train_epoch())
-    results = []
-    for r, st in zip(runners, streams):
-        with on(st):
-            results.append(r.finish())
-    return results
-
-
-def fit_many(
-    configs: list[TrainConfig], out_dirs: list[str | Path], resume: bool = False, log: Callable[[str], None] | None = None
-) -> list[FitResult]:
-    """Train several runs in one process, step by step in lockstep, each on its
-    own CUDA stream, so that their small kernels (or replayed graphs) overlap on
-    one GPU. Each run is exactly what :func:`fit` would produce; on the CPU
-    they simply alternate. Runs must use the same device.
-    """
-    trainers = [Trainer(c, d, resume=resume, log=log) for c, d in zip(configs, out_dirs)]
-    devices = {t.device for t in trainers}
-    if len(devices) != 1:
-        raise ValueError(f"fit_many needs one device; got {sorted(map(str, devices))}")
-    return run_in_lockstep(trainers, next(iter(devices)))
 
 
 def fit(config: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callable[[str], None] | None = None) -> FitResult:
