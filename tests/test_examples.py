@@ -73,7 +73,7 @@ def test_figure_script_commands_parse(script: str, names: list[str]) -> None:
     path = EXAMPLES / script
     subprocess.run(["bash", "-n", str(path)], check=True)
     proc = subprocess.run(["bash", str(path)], env={**ENV, "DRY_RUN": "1", "DATA_ROOT": "/data", "MAX_SAMPLES": "500",
-                                                     "RHO": "0.1"},
+                                                     "RHO": "0.1", "AMP": "bf16"},
                           capture_output=True, text=True, check=True)
     commands = [shlex.split(line[2:]) for line in proc.stderr.splitlines() if line.startswith("+ spectra ")]
     assert [" ".join(c[1:3]) if c[1] == "plot" else c[1] for c in commands] == names
@@ -87,6 +87,7 @@ def test_figure_script_commands_parse(script: str, names: list[str]) -> None:
         assert any("--max-samples" in c and "500" in c for c in commands)
     else:  # RHO reaches the SAM run only; both runs' own results files in one ratio figure
         assert [c[c.index("--method") + 1] for c in commands if "--rho" in c] == ["ce-drw-sam"]
+        assert [c[c.index("--amp") + 1] for c in commands if "--amp" in c] == ["bf16", "bf16"]  # both runs
         ratio = next(c for c in commands if c[1:3] == ["plot", "ratio"])
         assert [a for a in ratio if a.endswith("results.h5")] == [
             "runs/cifar10lt-figure-cpu/ce-drw/results.h5", "runs/cifar10lt-figure-cpu/ce-drw-sam/results.h5"]
