@@ -11,7 +11,7 @@ from .. import distributed as sd
 from .checkpoint import atomic_write_bytes, load_training_checkpoint
 
 __all__ = ["existing_run_files", "check_out_dir_is_free", "readable_last", "stored_memory_format", "jsonl_records",
-           "truncate_logs", "logged_epochs", "PRE_CHECKPOINT_FILES", "LOG_FILES"]
+           "truncate_logs", "logged_epochs", "listed", "PRE_CHECKPOINT_FILES", "LOG_FILES"]
 
 # The run's JSON-lines logs, one record per line with its "epoch".
 LOG_FILES = ("metrics.jsonl", "spectra.jsonl")
@@ -32,6 +32,7 @@ PRE_CHECKPOINT_FILES = frozenset({"metrics.jsonl"})
 
 
 def listed(names: list[str]) -> str:
+    """The first three names, for a one-line message."""
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
@@ -51,7 +52,7 @@ def readable_last(out_dir: Path) -> dict[str, Any] | None:
     then starts over or gives the one-line error)."""
     try:
         return load_training_checkpoint(out_dir / "last.pt", map_location="cpu")
-    except Exception:  # noqa: BLE001 - reported by _resume
+    except Exception:  # noqa: BLE001 - reported by Trainer._resume
         return None
 
 
