@@ -810,6 +810,7 @@ class Trainer:
             "class_counts": list(self.class_counts),
             "train_images": len(self.train_set),
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,  # s/epoch depends on it
             "compile_mode": "off (graph capture failed)" if self._graph_failed else self.compile_mode,
             "amp": c.amp,
             "world_size": self.dist.world_size,

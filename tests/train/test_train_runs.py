@@ -48,6 +48,7 @@ def test_one_epoch_of_every_preset_writes_a_loadable_checkpoint(method, cifar10_
     assert len(metrics) == 1 and {"acc", "per_class_acc", "tail_acc", "many_acc", "medium_acc", "few_acc", "images_per_s"} <= set(metrics[0])
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["tail_classes"] == [7, 8, 9] and summary["epochs_completed"] == 1
+    assert summary["cpu_threads"] == torch.get_num_threads()
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     # `spectra eigs` accepts the checkpoint with no flags (it records arch and data)
     from click.testing import CliRunner
