@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.last < 1:
         raise SystemExit("error: --last must be at least 1")
-    runs = [read_run(folder) for folder in args.runs if folder.is_dir()]
+    missing = [str(path) for path in args.runs if not path.exists()]
+    if missing:
+        raise SystemExit(f"error: no such run folder: {', '.join(missing)}")
+    runs = [read_run(folder) for folder in args.runs if folder.is_dir()]  # files a glob caught are skipped
     if not runs:
         raise SystemExit("error: none of the paths is a run folder")
     check_same_recipe(runs)

@@ -75,3 +75,13 @@ def test_the_same_seed_twice_is_refused(spread, tmp_path):
         b.joinpath(name).write_bytes(a.joinpath(name).read_bytes())
     with pytest.raises(SystemExit, match=r"^error: two runs of ce-drw have the same seed \(\[0, 0\]\); each seed once$"):
         spread.main([str(a), str(b)])
+
+
+def test_a_mistyped_folder_is_an_error_and_a_file_is_skipped(spread, tmp_path, capsys):
+    done = _run(tmp_path, "ce-drw", 0, [69.0])
+    with pytest.raises(SystemExit, match=r"^error: no such run folder: .*ce-drw-s9$"):
+        spread.main([str(done), str(tmp_path / "ce-drw-s9")])
+    results_file = tmp_path / "spectra.h5"  # what a glob over a results folder also catches
+    results_file.write_bytes(b"")
+    spread.main([str(done), str(results_file)])
+    assert "| ce-drw | 0 | 69.00 → 69.00 |" in capsys.readouterr().out
