@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from spectra import store
+from spectra import results_query, store
 
 from .common import emit_json, fmt, format_table, handle_errors, record_to_json
 
@@ -42,7 +42,7 @@ def info(results: str, as_json: bool) -> None:
     attrs = store.file_attributes(results)
     version, created = attrs.get("schema_version"), attrs.get("created_utc", "")
     # Runs by their file-wide label: two checkpoint folders with one name show as seedA/ce-drw, seedB/ce-drw.
-    run_label = {run.key: run.label for run in store.list_runs(results)}
+    run_label = {run.key: run.label for run in results_query.list_runs(results)}
     runs = sorted({run_label[r.run_key] for r in records})
     click.echo(f"{results}: spectra results schema v{version}, created {created}, "
                f"{Path(results).stat().st_size / 1e6:.2f} MB, {len(records)} entries, runs: {', '.join(runs) or '-'}")

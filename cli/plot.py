@@ -5,7 +5,7 @@ import os
 
 import click
 
-from spectra import store
+from spectra import results_query, store
 from spectra.class_data import resolve_classes
 from spectra.plots import image_path, missing_extremes, plot_density, plot_ratio
 from spectra.train.spectra_probe import RESULTS_FILE
@@ -55,21 +55,21 @@ def ratio(results: tuple[str, ...], output: str, runs: tuple[str, ...], log_scal
     target = image_path(output)
     results = results_files(results)
     if runs:
-        chosen = list(dict.fromkeys(store.find_run(results, run).label for run in runs))
+        chosen = list(dict.fromkeys(results_query.find_run(results, run).label for run in runs))
     else:
-        chosen = store.runs(results, kind="eigs")
+        chosen = results_query.runs(results, kind="eigs")
         if not chosen:
             _refuse_without(results, "eigenvalue (eigs)", "the ratio needs `spectra eigs` or `spectra sweep` results")
-    entries = {run: store.newest_eigs_entries(results, run) for run in chosen}
-    tables = {run: store.eigen_table_of(newest) for run, newest in entries.items()}
-    names = store.class_names(results)
+    entries = {run: results_query.newest_eigs_entries(results, run) for run in chosen}
+    tables = {run: results_query.eigen_table_of(newest) for run, newest in entries.items()}
+    names = results_query.class_names(results)
     for note in missing_extremes(tables, names):
         click.echo(f"note: {note}", err=True)
-    differ = store.settings_differences(r for newest in entries.values() for r in newest.values())
+    differ = results_query.settings_differences(r for newest in entries.values() for r in newest.values())
     if differ:
         click.echo(f"note: the figure mixes entries computed with different settings ({', '.join(differ)}); each point "
                    "is the newest entry of its run, epoch and class", err=True)
-    plot_ratio(tables, names, store.class_sizes(results), out=target, log_scale=log_scale, title=title)
+    plot_ratio(tables, names, results_query.class_sizes(results), out=target, log_scale=log_scale, title=title)
     click.echo(f"wrote {target}")
 
 
@@ -90,11 +90,11 @@ def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], 
     --loss, --dtype). Several RESULTS files are read as one (a run folder: its results.h5)."""
     target = image_path(output)
     results = results_files(results)
-    if not store.runs(results, kind="density"):
+    if not results_query.runs(results, kind="density"):
         _refuse_without(results, "density", "the plot needs `spectra density` or `spectra sweep --density` results")
-    names = store.class_names(results)
+    names = results_query.class_names(results)
     ordered = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else []
-    found = [store.find_run(results, run) for run in runs]
+    found = [results_query.find_run(results, run) for run in runs]
     chosen = list(dict.fromkeys(run.label for run in found)) or [None]  # a run given twice: once
     if class_spec.strip().lower() == "all":  # the classes with a density entry at those epochs in every chosen run
         keys = {run.key for run in found}
@@ -105,8 +105,8 @@ def density(results: tuple[str, ...], class_spec: str, epochs: tuple[int, ...], 
                          if all((run_key, e, c) in have for run_key in in_file for e in epochs))
     else:
         classes = resolve_classes(class_spec, ordered)
-    records = [store.density_record(results, c, e, run=run) for run in chosen for c in classes for e in epochs]
-    runs = [store.run_of(results, r) for r in records]
+    records = [results_query.density_record(results, c, e, run=run) for run in chosen for c in classes for e in epochs]
+    runs = [results_query.run_of(results, r) for r in records]
     labels = [f"{run_.label} epoch {r.epoch}, class {r.class_index} ({r.provenance.get('class_name', '')})"
               for run_, r in zip(runs, records)]
     extremes = _extremes(results, records[0]) if len(records) == 1 else None
@@ -123,8 +123,8 @@ def _refuse_without(results: tuple[str, ...], kind: str, needs: str) -> None:
 
 def _extremes(results: tuple[str, ...], record: store.ResultRecord) -> tuple[float, float] | None:
     """(λmin, λmax) from an eigs entry of the same Hessian as the density ``record``
-    (checkpoint, class, samples, params, loss, dtype: :func:`store.same_hessian_eigs`), if any."""
-    eigs = store.same_hessian_eigs(results, record)
+    (checkpoint, class, samples, params, loss, dtype: :func:`results_query.same_hessian_eigs`), if any."""
+    eigs = results_query.same_hessian_eigs(results, record)
     if eigs is None:
         return None  # e.g. a file of density entries only, or eigs of other settings: the curve alone
-    return store.lambda_extremes(eigs)
+    return results_query.lambda_extremes(eigs)

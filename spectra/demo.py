@@ -298,11 +298,11 @@ def _sweep(checkpoints: Sequence[Path], out: Path, classes: Any, kind: str, conf
 
 def _plot(results: Path, out: Path, config: DemoConfig, density_class: int, last_epoch: int,
           train_images: int) -> tuple[Path, Path]:
-    from . import store
+    from . import results_query
     from .plots import plot_density, plot_ratio, save_figure
 
-    names, sizes = store.class_names(results), store.class_sizes(results)
-    tables = {run: store.eigen_table(results, run=run) for run in METHODS}
+    names, sizes = results_query.class_names(results), results_query.class_sizes(results)
+    tables = {run: results_query.eigen_table(results, run=run) for run in METHODS}
     fig = plot_ratio(tables, names, sizes, title=(
         f"Per-class Hessian |λmin/λmax| — demo: ResNet-8, {train_images} long-tailed CIFAR-10 images, "
         f"{config.epochs} CPU epochs"))
@@ -312,7 +312,7 @@ def _plot(results: Path, out: Path, config: DemoConfig, density_class: int, last
             ax.text(config.drw_epoch + 0.6, 1.0, "DRW on", transform=ax.get_xaxis_transform(),
                     fontsize=8, color="grey", va="top")
     ratio_png = save_figure(fig, out / "ratio.png", dpi=110)
-    records = [store.density_record(results, density_class, last_epoch, run=run) for run in METHODS]
+    records = [results_query.density_record(results, density_class, last_epoch, run=run) for run in METHODS]
     name = names.get(density_class, str(density_class))
     density_png = out / "density.png"
     plot_density(records, out=density_png, title=(

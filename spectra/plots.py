@@ -18,7 +18,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from spectra.store import EigenSeries, ResultRecord
+from spectra.results_query import EigenSeries
+from spectra.store import ResultRecord
 
 __all__ = [
     "head_to_tail_order",
@@ -111,7 +112,7 @@ def plot_ratio(
 ) -> Figure:
     """|λmin/λmax| per class over epochs; one panel per run, one line per class.
 
-    ``tables``: run label → :func:`spectra.store.eigen_table` output. Lines are
+    ``tables``: run label → :func:`spectra.results_query.eigen_table` output. Lines are
     coloured from head (blue, most samples) to tail (red). ``log_scale=None``
     picks a log axis when the ratios span more than two decades. Epochs without
     λmin or λmax (NaN) are gaps; a class with no complete epoch gets no line,

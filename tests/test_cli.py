@@ -280,7 +280,7 @@ def test_sweep_killed_with_sigkill_then_resumed(env, tmp_path):
 def test_info_labels_same_name_runs_and_closed_pipe_is_quiet(tmp_path):
     """Two checkpoint folders named ce-drw show as seedA/ce-drw and seedB/ce-drw;
     `spectra info r.h5 | head` (the reader closes early) exits without an Error line."""
-    from test_store import make_record
+    from store_records import make_record
 
     path = tmp_path / "r.h5"
     with ResultsWriter(path) as w:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 
-from spectra import store
+from spectra import results_query, store
 from spectra_cli.main import main
 
 from tiny_runs import install_tiny_module, make_run, write_cifar10
@@ -196,7 +196,7 @@ def test_data_parallel_training_matches_one_process(env, tmp_path):
     # the probe's entries: one per class, in the schema `spectra plot ratio` reads
     e1, e2 = by_entry(tmp_path / "one" / "results.h5"), by_entry(tmp_path / "two" / "results.h5")
     assert e1.keys() == e2.keys() and len(e2) == 10
-    table = store.eigen_table(tmp_path / "two" / "results.h5")
+    table = results_query.eigen_table(tmp_path / "two" / "results.h5")
     assert sorted(table) == list(range(10)) and all(list(s.epochs) == [1] for s in table.values())
     for key, record in e2.items():
         assert record.provenance["checkpoint_path"].endswith("ckpt_epoch0001.pt")

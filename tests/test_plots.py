@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from spectra import plots, store
-from spectra.store import EigenSeries, ResultsWriter
+from spectra import plots, results_query
+from spectra.results_query import EigenSeries
+from spectra.store import ResultsWriter
 
 from test_store import make_record
 
@@ -35,9 +36,9 @@ def test_ratio_plot_png_from_store(tmp_path):
             for epoch in (10, 20, 30):
                 for c in range(3):
                     w.write(make_record(epoch, c, 10.0, -gain * c * epoch / 30, run=run))
-    tables = {run: store.eigen_table(path, run=run) for run in store.runs(path)}
+    tables = {run: results_query.eigen_table(path, run=run) for run in results_query.runs(path)}
     out = tmp_path / "ratio.png"
-    fig = plots.plot_ratio(tables, store.class_names(path), {0: 10, 1: 9, 2: 8}, out=out)
+    fig = plots.plot_ratio(tables, results_query.class_names(path), {0: 10, 1: 9, 2: 8}, out=out)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert out.read_bytes()[:8] == PNG_MAGIC
     # Line data are the stored ratios, tail (class 2) drawn red, head blue.
@@ -62,7 +63,7 @@ def test_density_plot_png(tmp_path):
     path = tmp_path / "r.h5"
     with ResultsWriter(path) as w:
         w.write(make_record(5, 1, 3.0, -1.0, kind="density"))
-    rec = store.density_record(path, 1, 5)
+    rec = results_query.density_record(path, 1, 5)
     out = tmp_path / "density.png"
     fig = plots.plot_density(rec, out=out, extremes=(-1.0, 3.0))
     assert out.read_bytes()[:8] == PNG_MAGIC

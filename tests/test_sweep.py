@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spectra import store
+from spectra import results_query, store
 from spectra.analysis import AnalysisSettings
 from spectra.class_data import AnalysisError, DataOptions
 from spectra.sweep import expand_checkpoints, run_sweep
@@ -41,7 +41,7 @@ def test_sweep_stores_every_checkpoint_and_class_then_resumes(env, tmp_path):
                         progress=events.append)
     assert (summary.computed, summary.skipped, summary.failed) == (12, 0, [])
     assert [e.index for e in events] == list(range(1, 13)) and events[-1].total == 12
-    table = store.eigen_table(out)
+    table = results_query.eigen_table(out)
     np.testing.assert_array_equal(table[9].epochs, [1, 2, 3])
     assert np.all(table[9].lambda_max >= table[9].lambda_min)
     again = run_sweep([env["run"][0].parent], out, classes="0,9", kinds=("eigs", "density"),
@@ -79,7 +79,7 @@ def test_a_byte_identical_checkpoint_in_another_run_gets_that_run_a_copy(env, tm
     assert copy.provenance["alias_of"] == original.key and copy.key == store.alias_key(original.key, str(twin.resolve()))
     assert copy.provenance["checkpoint_path"] == str((twin / "ckpt_epoch0002.pt").resolve())
     np.testing.assert_array_equal(copy.arrays["top"], original.arrays["top"])
-    np.testing.assert_array_equal(store.eigen_table(out, "finetune")[0].epochs, [2, 3])
+    np.testing.assert_array_equal(results_query.eigen_table(out, "finetune")[0].epochs, [2, 3])
     again = run_sweep([twin, env["run"][0].parent], out, classes="0", settings=settings, data_options=opts)
     assert (again.computed, again.skipped, again.copied) == (1, 3, 1)  # epoch 1 of the run; its epoch 3 copies the twin's
     assert len(store.read_results(out)) == 5 and sum("alias_of" in r.provenance for r in store.read_results(out)) == 2
@@ -102,7 +102,7 @@ def test_a_moved_run_folder_is_the_same_run(env, tmp_path):
     moved = gpu_box.rename(tmp_path / "ce-drw")
     again = run_sweep([moved], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
     assert (again.computed, again.skipped, again.copied) == (0, 2, 0)
-    assert [r.label for r in store.list_runs(out)] == ["ce-drw"]
+    assert [r.label for r in results_query.list_runs(out)] == ["ce-drw"]
 
 
 def test_twin_results_written_twice_keep_both_runs(env, tmp_path):
