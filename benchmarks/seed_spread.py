@@ -11,13 +11,17 @@ side that takes a difference several times the seed spread.
     python benchmarks/seed_spread.py benchmarks/results/cifar10lt_cpu_rows/* --baseline ce-drw
 
 Runs compared must share the recipe (data set, epochs, architecture, batch
-size, imbalance, precision); a difference is a one-line error, because a
-bf16 run against an fp32 baseline would measure the precision, not the method.
+size, imbalance, precision) and the images: a difference is a one-line error,
+because a bf16 run against an fp32 baseline would measure the precision, and a
+run on a re-encoded copy the copy, not the method. The images are compared by
+the SHA-256 of their pixels that ``summary.json`` records; a run that predates
+it (no ``train_data_sha256``) is compared by its data root.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,8 @@ class Run:
     tail_acc: float
     evaluations: list[float]  # test accuracy of every evaluation, in epoch order
     settings: dict[str, Any]
+    data_root: str
+    data_sha256: tuple[str, str] | None  # (train, test) pixels and labels; None in runs that predate it
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -63,8 +69,10 @@ def read_run(folder: Path) -> Run:
                 if record.get("acc") is not None:
                     evaluations.append(float(record["acc"]))
         final = summary["final"]
+        shas = summary.get("train_data_sha256"), summary.get("test_data_sha256")
         return Run(folder, config["method"], int(config["seed"]), float(final["acc"]), float(final["tail_acc"]),
-                   evaluations, {k: config.get(k) for k in SHARED_SETTINGS})
+                   evaluations, {k: config.get(k) for k in SHARED_SETTINGS}, str(config.get("data_root")),
+                   None if None in shas else (str(shas[0]), str(shas[1])))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"error: {folder} is not a finished spectra run ({type(exc).__name__}: {exc})") from None
 
@@ -76,6 +84,20 @@ def check_same_recipe(runs: list[Run]) -> None:
             if run.settings[key] != first.settings[key]:
                 raise SystemExit(f"error: {run.folder} has {key}={run.settings[key]!r} but {first.folder} has "
                                  f"{first.settings[key]!r}; compare runs of one recipe")
+
+
+def check_same_data(runs: list[Run]) -> None:
+    """Every pair of runs saw the same images: equal pixel SHA-256s where both record them, else equal data roots."""
+    for a, b in itertools.combinations(runs, 2):
+        if a.data_sha256 is not None and b.data_sha256 is not None:
+            if a.data_sha256 != b.data_sha256:
+                raise SystemExit(f"error: {a.folder} and {b.folder} were trained or tested on different images (their "
+                                 "train_data_sha256/test_data_sha256 differ); compare runs on one copy of the data")
+        elif a.data_root != b.data_root:
+            older = a if a.data_sha256 is None else b
+            raise SystemExit(f"error: cannot tell whether {a.folder} and {b.folder} saw the same images: {older.folder} "
+                             f"records no data SHA-256 (it predates it) and their data roots differ ({a.data_root}, "
+                             f"{b.data_root})")
 
 
 def _mean_sd(values: list[float]) -> dict[str, Any]:
@@ -142,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         raise SystemExit("error: none of the paths is a run folder")
     check_same_recipe(runs)
+    check_same_data(runs)
     table = method_table(runs, args.last)
     print(f"| method | seeds | final acc (mean ± sd) | tail | mean of last {args.last} evaluations |")
     print("| --- | --- | --- | --- | --- |")

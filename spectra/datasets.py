@@ -318,6 +318,14 @@ class LoadedDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def content_sha256(self) -> str:
+        """SHA-256 of the selected images' pixels and labels (uint8 then int64,
+        in the selection's order): what the data *is*, unlike the root path, so
+        two copies of a data set (e.g. one re-encoded) are told apart."""
+        digest = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        digest.update(self.labels.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
 
 def load_dataset(spec: DatasetSpec, every_class: bool = False) -> LoadedDataset:
     """Load the split described by ``spec`` (reads the pickles once).

@@ -176,6 +176,28 @@ def test_load_dataset_lt_train_and_balanced_test(tmp_path):
     assert all(n >= 1 for n in small.class_counts) and len(small) <= 30
 
 
+def test_content_sha256_names_the_pixels_not_the_path(tmp_path):
+    """Two copies of the same files hash alike; one changed pixel, another selection
+    or another seed's data do not."""
+    import hashlib
+
+    for name in ("a", "b"):
+        write_cifar10(tmp_path / name, train_per_class=20, test_per_class=3)
+    write_cifar10(tmp_path / "other", train_per_class=20, test_per_class=3, seed=1)
+
+    def lt(root, **kw):
+        return load_dataset(DatasetSpec("cifar10-lt", str(root), imbalance_ratio=10, **kw))
+
+    a = lt(tmp_path / "a")
+    expected = hashlib.sha256(a.images.numpy().tobytes() + a.labels.numpy().astype("<i8").tobytes()).hexdigest()
+    assert a.content_sha256() == expected == lt(tmp_path / "b").content_sha256()
+    assert lt(tmp_path / "a", max_samples=30).content_sha256() != expected
+    assert lt(tmp_path / "other").content_sha256() != expected
+    changed = lt(tmp_path / "a")
+    changed.images[0, 0, 0, 0] ^= 1
+    assert changed.content_sha256() != expected
+
+
 def test_lt_from_unequal_classes_uses_the_smallest_class(tmp_path):
     """n_max is the smallest class's count: class 0 (which gets n_max) may be short."""
     import pickle

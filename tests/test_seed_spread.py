@@ -11,15 +11,18 @@ def spread():
     return load_script("seed_spread")
 
 
-def _run(root, method, seed, evaluations, tail=50.0, amp="bf16", finished=True):
-    """A run folder as spectra train writes it; its final accuracy is its last evaluation."""
+def _run(root, method, seed, evaluations, tail=50.0, amp="bf16", finished=True, data_root="/data", shas=("tr", "te")):
+    """A run folder as spectra train writes it; its final accuracy is its last evaluation.
+    ``shas``: its data's (train, test) SHA-256, None for a run that predates them."""
     folder = root / f"{method}-s{seed}"
     folder.mkdir()
     folder.joinpath("config.json").write_text(json.dumps(
-        {"method": method, "seed": seed, "dataset": "cifar10-lt", "epochs": 200, "arch": "resnet32", "amp": amp}))
+        {"method": method, "seed": seed, "dataset": "cifar10-lt", "epochs": 200, "arch": "resnet32", "amp": amp,
+         "data_root": data_root}))
     folder.joinpath("summary.json").write_text(json.dumps(
         {"epochs_completed": 200 if finished else 120, "epochs_planned": 200,
-         "final": {"acc": evaluations[-1], "tail_acc": tail}}))
+         "final": {"acc": evaluations[-1], "tail_acc": tail},
+         **({"train_data_sha256": shas[0], "test_data_sha256": shas[1]} if shas else {})}))
     lines = [{"epoch": e, "train_loss": 1.0} for e in range(1, 4)]  # training-only records have no acc
     lines += [{"epoch": 10 * (i + 1), "acc": a} for i, a in enumerate(evaluations)]
     folder.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -50,6 +53,27 @@ def test_statistics_and_verdicts_follow_the_runs(spread, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| ce-drw | 0,1 | 69.40 / 69.20 → 69.30 ± 0.14 |" in printed
     assert "one-seed − ce-drw: +5.70" in printed and "no test (one seed on a side)" in printed
+
+
+def test_runs_on_other_images_are_refused(spread, tmp_path):
+    """A copy of the data re-encoded (other pixel SHA-256) is another experiment, whatever its path."""
+    base = _run(tmp_path, "ce-drw", 0, [69.0])
+    other = _run(tmp_path, "ce-drw", 1, [66.0], shas=("tr-q50", "te-q50"))
+    with pytest.raises(SystemExit, match=r"^error: .* were trained or tested on different images .*; compare runs on one copy of the data$"):
+        spread.main([str(base), str(other), "--baseline", "ce-drw"])
+
+
+def test_runs_without_data_sha256_fall_back_to_the_data_root(spread, tmp_path):
+    old_same = _run(tmp_path, "ce-drw", 0, [69.0], shas=None)  # predates the SHA-256, same root: compared
+    new = _run(tmp_path, "ce-drw", 1, [69.4])
+    moved = _run(tmp_path, "ce-drw-lpf", 0, [70.0], data_root="/elsewhere")  # same SHA-256 as new, other root: fine
+    spread.main([str(old_same), str(new), "--baseline", "ce-drw"])
+    spread.main([str(new), str(moved), "--baseline", "ce-drw"])
+    old_other = _run(tmp_path, "ce-drw-pgd", 0, [70.0], shas=None, data_root="/data_q50")
+    for other in (new, moved):  # without a SHA-256 on one side, another root cannot be told apart from other images
+        with pytest.raises(SystemExit, match=r"^error: cannot tell whether .* saw the same images: .*ce-drw-pgd-s0 records "
+                                             r"no data SHA-256 \(it predates it\) and their data roots differ \(.*\)$"):
+            spread.main([str(other), str(old_other)])
 
 
 def test_runs_of_another_precision_are_refused(spread, tmp_path):

@@ -253,6 +253,8 @@ class Trainer:
         test_spec = DatasetSpec(c.dataset, c.data_root, "test", c.imbalance_ratio, c.imbalance_profile, c.data_seed, c.max_test_samples)
         test = load_dataset(test_spec)
         self.dataset_spec = spec
+        # what the images are, not where: runs on two copies of a data set (one re-encoded) stay apart
+        self.data_sha256 = {"train": self.train_set.content_sha256(), "test": test.content_sha256()}
         self.class_counts = self.train_set.class_counts
         self.num_classes = self.train_set.num_classes
         self.test_images = test.images.to(self.device)
@@ -809,6 +811,8 @@ class Trainer:
             "tail_classes": tail_classes(self.class_counts, c.tail_fraction),
             "class_counts": list(self.class_counts),
             "train_images": len(self.train_set),
+            "train_data_sha256": self.data_sha256["train"],
+            "test_data_sha256": self.data_sha256["test"],
             "device": str(self.device) if self.device.type != "cuda" else torch.cuda.get_device_name(self.device),
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,  # s/epoch depends on it
             "compile_mode": "off (graph capture failed)" if self._graph_failed else self.compile_mode,

@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from cifar_format_fixture import write_cifar10, write_cifar100
+from spectra.datasets import DatasetSpec, load_dataset
 from spectra.models import build_model
 from spectra.train import METHODS, fit, load_training_checkpoint, model_from_checkpoint, resolve_config
 from spectra.train.trainer import Trainer
@@ -34,6 +35,9 @@ def test_one_epoch_of_every_preset_writes_a_loadable_checkpoint(method, cifar10_
     assert ckpt["arch_kwargs"] == {"num_classes": 10, "cosine_head": method.startswith("ldam")}
     assert ckpt["class_names"][0] == "airplane" and ckpt["class_counts"] == [12, 9, 7, 5, 4, 3, 2, 2, 1, 1]
     assert result.summary["train_images"] == sum(ckpt["class_counts"])
+    spec = DatasetSpec.from_dict(ckpt["dataset"])  # the summary names the pixels the run trained and tested on
+    assert result.summary["train_data_sha256"] == load_dataset(spec).content_sha256()
+    assert result.summary["test_data_sha256"] == load_dataset(spec.with_split("test")).content_sha256()
     assert ckpt["dataset"]["name"] == "cifar10-lt" and ckpt["config"]["method"] == method
     json.dumps(ckpt["config"]), json.dumps(ckpt["dataset"]), json.dumps(ckpt["metrics"])  # JSON-able
     # the registry rebuilds the network and reproduces its logits
