@@ -8,6 +8,7 @@ float, bool, None only)::
      "arch": "resnet32", "arch_kwargs": {"num_classes": 10, "cosine_head": False},
      "num_classes": 10, "class_names": [...],
      "dataset": DatasetSpec.to_dict(), "class_counts": [...],
+     "data_sha256": {"train": ..., "test": ...} (pixels and labels; absent before 2026-11-29),
      "method": "ce-drw-sam", "config": TrainConfig.to_dict(),
      "epoch": completed epochs (1-indexed), "state_dict": model.state_dict(),
      "optimizer": optimizer.state_dict(), "rng": {...}, "train_state": {...},

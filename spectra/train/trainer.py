@@ -521,6 +521,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "class_names": list(self.train_set.class_names),
             "dataset": self.dataset_spec.to_dict(),
+            "data_sha256": dict(self.data_sha256),
             "class_counts": list(self.class_counts),
             "method": self.config.method,
             "config": self.config.to_dict(),
@@ -565,6 +566,10 @@ class Trainer:
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {self.out_dir}: {', '.join(changed)}")
+        stored_data = ckpt.get("data_sha256")  # absent in checkpoints that predate it
+        if stored_data is not None and stored_data != self.data_sha256:
+            raise ValueError(f"--resume: the images under {self.config.data_root} are not those the run in {self.out_dir} "
+                             "was trained and tested on (their SHA-256 differs); resume with the run's copy of the data")
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for p in self.params:  # the base class may re-create state tensors on load

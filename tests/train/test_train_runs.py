@@ -111,6 +111,22 @@ def test_resume_refuses_a_changed_recipe(cifar10_root, tmp_path):
             resume=True, log=lambda m: None)
 
 
+def test_resume_refuses_other_images_but_follows_moved_data(cifar10_root, tmp_path):
+    """data_root may change on resume (the data moved); the images may not (another copy, e.g. re-encoded)."""
+    import shutil
+
+    settings = dict(epochs=2, time_limit_s=1e-9, **TINY)  # stops after epoch 1
+    fit(resolve_config("ce", data_root=str(cifar10_root), **settings), tmp_path / "run", log=lambda m: None)
+    moved = tmp_path / "moved"
+    shutil.copytree(cifar10_root, moved)
+    fit(resolve_config("ce", data_root=str(moved), **settings), tmp_path / "run", resume=True, log=lambda m: None)
+    other = tmp_path / "other"
+    write_cifar10(other, train_per_class=12, test_per_class=4, seed=5)  # same shapes and counts, other pixels
+    with pytest.raises(ValueError, match=r"^--resume: the images under .*other are not those the run in .* was trained "
+                                         r"and tested on \(their SHA-256 differs\); resume with the run's copy of the data$"):
+        fit(resolve_config("ce", data_root=str(other), **settings), tmp_path / "run", resume=True, log=lambda m: None)
+
+
 def test_a_run_made_before_a_newer_check_still_resumes(cifar10_root, tmp_path, monkeypatch):
     """lr_milestones >= epochs were accepted before; such a run must resume (the check is for new runs)."""
     from spectra.train import TrainConfig
