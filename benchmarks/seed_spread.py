@@ -20,8 +20,8 @@ it (no ``train_data_sha256``) is compared by its data root.
 from __future__ import annotations
 
 import argparse
-import json
 import itertools
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
