@@ -284,6 +284,7 @@ def analyse_class(
         "class_name": data.class_name,
         "num_samples": int(H.num_samples),  # the global count under several ranks
         "sample_indices_sha256": data.ids_sha256,
+        "data_sha256": str(identity.get("content_sha256") or ""),
         "class_counts": class_counts,
         "loss_fn": settings.loss,
         "loss": loss,

@@ -93,6 +93,9 @@ class SampleSource:
     ``labels[i]`` and ``ids[i]`` (the sample's index into the split, hashed
     into the provenance) describe sample i; ``fetch(positions)`` returns the
     model inputs of those samples, normalised, as a float tensor.
+    ``identity``: what the data is, without where it lies (the settings hash
+    covers it); its ``content_sha256`` names the samples' pixels and labels
+    where they can be hashed cheaply (built-in sets, a ``TensorDataset``).
     """
 
     description: dict[str, Any]
@@ -186,7 +189,8 @@ def _builtin_source(spec: ds.DatasetSpec, download: bool) -> SampleSource:
 
     description = spec.to_dict()
     description.pop("max_samples", None)
-    identity = {k: v for k, v in description.items() if k != "root"}
+    # The pixels, not only the spec: a re-encoded copy at another root is other data.
+    identity = {k: v for k, v in description.items() if k != "root"} | {"content_sha256": loaded.content_sha256()}
     return SampleSource(description=description, identity=identity, labels=loaded.labels.long(),
                         ids=loaded.indices.long(), class_names=list(loaded.class_names), fetch=fetch)
 
@@ -211,8 +215,10 @@ def _class_labels(labels: torch.Tensor, factory: str) -> torch.Tensor:
 def _user_source(factory: str, split: str) -> SampleSource:
     dataset = ds.load_user_dataset(factory)
     names_attr = getattr(dataset, "classes", None)
+    content: str | None = None  # a generic Dataset would have to be read whole to be hashed
     if isinstance(dataset, torch.utils.data.TensorDataset):
         inputs, labels = dataset.tensors[0], dataset.tensors[1]
+        content = _tensors_sha256(inputs, torch.as_tensor(labels))
 
         def fetch(positions: torch.Tensor) -> torch.Tensor:
             return inputs[positions]
@@ -225,7 +231,8 @@ def _user_source(factory: str, split: str) -> SampleSource:
     num_classes = int(labels.max()) + 1
     names = [str(n) for n in names_attr] if isinstance(names_attr, (list, tuple)) else [str(c) for c in range(num_classes)]
     description = {"factory": factory, "split": split}
-    return SampleSource(description=description, identity=dict(description), labels=labels,
+    identity = dict(description) | ({"content_sha256": content} if content else {})
+    return SampleSource(description=description, identity=identity, labels=labels,
                         ids=torch.arange(len(labels)), class_names=names, fetch=fetch)
 
 
@@ -250,15 +257,9 @@ class DataCache:
         return "builtin", _builtin_spec(self.options, checkpoint.dataset)
 
     def identity(self, checkpoint: LoadedCheckpoint) -> dict[str, Any]:
-        """Machine-independent description of the data (for the settings hash)."""
-        kind, spec = self.spec_for(checkpoint)
-        if kind == "factory":
-            d: dict[str, Any] = {"factory": spec, "split": self.options.split}
-        else:
-            d = spec.to_dict()
-            d.pop("root", None)
-        d["max_samples_per_class"] = self.options.max_samples
-        return d
+        """Machine-independent description of the data (for the settings hash):
+        the data set without its root, its content hash, the per-class cap."""
+        return self.source(checkpoint).identity | {"max_samples_per_class": self.options.max_samples}
 
     def source(self, checkpoint: LoadedCheckpoint) -> SampleSource:
         kind, spec = self.spec_for(checkpoint)
@@ -292,6 +293,16 @@ class DataCache:
             targets=source.labels[mine].clone(), ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(),
             total_samples=len(positions),
         )
+
+
+def _tensors_sha256(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bf16 has no numpy dtype
+    return digest.hexdigest()
 
 
 def _check_class_range(class_index: int, class_names: Sequence[str]) -> None:

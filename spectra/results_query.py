@@ -234,7 +234,7 @@ def newest_eigs_entries(path: ResultsFiles, run: "str | Run | None" = None) -> d
 
 
 # Provenance that the settings hash covers, by the name a user knows it by (for messages).
-SETTINGS_FIELDS = ("split", "dataset", "algorithm_params", "seed", "dtype", "loss_fn", "params")
+SETTINGS_FIELDS = ("split", "dataset", "data_sha256", "algorithm_params", "seed", "dtype", "loss_fn", "params")
 
 
 def settings_differences(records: Iterable[ResultRecord]) -> list[str]:
@@ -263,7 +263,8 @@ def _refuse_two_checkpoints(older: ResultRecord | None, newer: ResultRecord, pat
 
 # Provenance that defines a Hessian: the weights, the class's samples, and the
 # loss, parameter selection and precision it is formed with.
-HESSIAN_IDENTITY = ("checkpoint_sha256", "class_index", "split", "sample_indices_sha256", "params", "loss_fn", "dtype")
+HESSIAN_IDENTITY = ("checkpoint_sha256", "class_index", "split", "sample_indices_sha256", "data_sha256", "params",
+                    "loss_fn", "dtype")
 
 
 def same_hessian_eigs(path: ResultsFiles, record: ResultRecord) -> ResultRecord | None:

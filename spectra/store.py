@@ -86,7 +86,8 @@ PROVENANCE: dict[str, str] = {
     "kind": "analysis: 'eigs' (extreme eigenvalues), 'density' (spectral density, SLQ) or 'trace'",
     "settings_hash": "SHA-256 of the canonical JSON of everything besides checkpoint and class that "
                      "determines the result (kind, algorithm and its parameters, seed, dtype, loss, parameter "
-                     "selection, data set identity without its local root, per-class sample cap)",
+                     "selection, data set identity without its local root, the data's content hash data_sha256, "
+                     "per-class sample cap)",
     "checkpoint_path": "absolute path of the checkpoint file when analysed",
     "checkpoint_sha256": "SHA-256 of the checkpoint file's bytes",
     "checkpoint_format": "spectra | reference | state_dict | torchscript | pickled-module",
@@ -101,6 +102,10 @@ PROVENANCE: dict[str, str] = {
     "class_name": "name of that class",
     "num_samples": "number of samples of that class used",
     "sample_indices_sha256": "SHA-256 of the samples' indices into the split (int64 little-endian)",
+    "data_sha256": "SHA-256 of the split's samples (built-in sets: the selected images' uint8 pixels, then their "
+                   "int64 labels, as a training run's summary.json train_data_sha256 / test_data_sha256; a "
+                   "TensorDataset: dtype, shape and bytes of inputs and labels); '' where not hashed (other "
+                   "factory data sets; entries written before spectra recorded it)",
     "class_counts": "JSON: samples per class in the split (before --max-samples)",
     "loss_fn": "loss whose Hessian is analysed ('ce' = mean cross-entropy; 'ldam' / 'vs' = mean LDAM / VS loss)",
     "loss": "value of that mean loss over the class samples at the checkpoint",

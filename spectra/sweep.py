@@ -216,10 +216,9 @@ def _open_job_source(path: Path, plan: _SweepPlan, cache: DataCache) -> tuple[Lo
     """The checkpoint, its wanted classes and the data identity (for the settings hash)."""
     lo = plan.load_options
     checkpoint = load_checkpoint(path, lo.arch, lo.arch_kwargs, lo.trust)
-    # Another data set (--dataset) may have other classes than the checkpoint records: ask the data.
-    shortcut = plan.data_options.dataset is None and _class_names_without_loading(checkpoint, plan.classes)
-    names = shortcut or cache.source(checkpoint).class_names
-    return checkpoint, resolve_classes(plan.classes, names), cache.identity(checkpoint)
+    # The data is loaded even when every job is stored: its content hash is part of the entry keys, and
+    # another data set (--dataset) may have other classes than the checkpoint records.
+    return checkpoint, resolve_classes(plan.classes, cache.source(checkpoint).class_names), cache.identity(checkpoint)
 
 
 _LOAD_ERRORS = (CheckpointError, AnalysisError, OSError, ValueError)
@@ -428,16 +427,3 @@ def _sweep_spreading_jobs(files: list[Path], plan: _SweepPlan, writer: ResultsWr
         if report:
             report(event)
     return summary
-
-
-def _class_names_without_loading(checkpoint: LoadedCheckpoint, classes: Any) -> list[str] | None:
-    """Class names known from the checkpoint alone, when ``classes`` needs no
-    names (``all`` or indices): lets a resumed sweep skip loading the data."""
-    count = checkpoint.num_classes or (len(checkpoint.class_names) if checkpoint.class_names else None)
-    if count is None:
-        return None
-    items = [classes] if isinstance(classes, (int, str)) else list(classes)
-    tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
-    if all(t.lower() == "all" or t.lstrip("-").isdigit() for t in tokens):
-        return checkpoint.class_names or [str(i) for i in range(count)]
-    return None

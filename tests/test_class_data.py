@@ -3,6 +3,7 @@ checkpoint records or the user names, the per-class cap, the data identity,
 on tiny checkpoints and synthetic CIFAR-10 (tests/tiny_runs.py)."""
 from __future__ import annotations
 
+import shutil
 import textwrap
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 
 from spectra.checkpoints import load_checkpoint
 from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
-from spectra.datasets import CIFAR10_CLASSES
+from spectra.datasets import CIFAR10_CLASSES, DatasetSpec, load_dataset
 
-from tiny_runs import TINY_ARCH, tiny_run
+from tiny_runs import TINY_ARCH, copy_with_one_pixel_changed, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +104,43 @@ def test_long_tail_options_on_a_balanced_data_set_are_refused(env):
         cache.source(checkpoint)
 
 
-def test_data_cache_identity_ignores_root(env):
+def test_data_identity_names_the_pixels_not_the_root(env, tmp_path):
+    """The settings hash covers the identity: a moved copy is the same data, a re-encoded copy
+    (here one pixel value changed) is not, though its spec and sample indices are the same."""
     ck = load_checkpoint(env["run"][0])
     a = DataCache(DataOptions(root=str(env["root"]))).identity(ck)
-    b = DataCache(DataOptions(root="/somewhere/else")).identity(ck)
-    assert a == b and a["name"] == "cifar10" and "root" not in a
-    c = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
-    assert c != a
+    moved = DataCache(DataOptions(root=str(shutil.copytree(env["root"], tmp_path / "moved")))).identity(ck)
+    assert a == moved and a["name"] == "cifar10" and "root" not in a
+    assert a["content_sha256"] == load_dataset(DatasetSpec("cifar10", root=str(env["root"]))).content_sha256()
+    changed = DataCache(DataOptions(root=str(copy_with_one_pixel_changed(env["root"], tmp_path / "q50")))).identity(ck)
+    assert changed != a and {k for k in a if a[k] != changed[k]} == {"content_sha256"}
+    capped = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
+    assert capped != a
+
+
+def test_factory_identity_hashes_a_tensor_dataset_only(tmp_path, monkeypatch, env):
+    """A TensorDataset is hashed like the built-in sets; a generic Dataset would have to be read whole."""
+    (tmp_path / "my_id_mod.py").write_text(textwrap.dedent("""
+        import torch
+        X, Y = torch.zeros(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
+        def tensors():
+            return X, Y
+        def changed():
+            return X + 1, Y
+        class Items(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                return X[i], int(Y[i])
+        def items():
+            return Items()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ck = load_checkpoint(env["run"][0])
+    ids = {name: DataCache(DataOptions(dataset=f"my_id_mod:{name}")).identity(ck) for name in ("tensors", "changed", "items")}
+    assert len(ids["tensors"]["content_sha256"]) == 64
+    assert ids["tensors"]["content_sha256"] != ids["changed"]["content_sha256"]
+    assert "content_sha256" not in ids["items"] and ids["items"]["factory"] == "my_id_mod:items"
 
 
 def test_class_data_stays_on_a_gpu_under_half_its_free_memory(monkeypatch):

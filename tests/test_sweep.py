@@ -2,15 +2,18 @@
 (tests/tiny_runs.py): expansion of run folders, resuming, failures."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
 from spectra import results_query, store
 from spectra.analysis import AnalysisSettings
 from spectra.class_data import AnalysisError, DataOptions
+from spectra.datasets import DatasetSpec, load_dataset
 from spectra.sweep import expand_checkpoints, run_sweep
 
-from tiny_runs import tiny_run
+from tiny_runs import copy_with_one_pixel_changed, tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,25 @@ def test_a_moved_run_folder_is_the_same_run(env, tmp_path):
     again = run_sweep([moved], out, classes="0", settings=AnalysisSettings(tol=1e-4), data_options=opts)
     assert (again.computed, again.skipped, again.copied) == (0, 2, 0)
     assert [r.label for r in results_query.list_runs(out)] == ["ce-drw"]
+
+
+def test_a_sweep_on_other_pixels_is_not_taken_as_stored(env, tmp_path):
+    """The same checkpoint, class and settings on a copy of the data with one pixel changed (e.g. a
+    re-encoded copy): once skipped as stored, reporting the first copy's eigenvalues as the second's."""
+    out = tmp_path / "results.h5"
+    settings = AnalysisSettings(tol=1e-4)
+    roots = {"first": env["root"], "moved": shutil.copytree(env["root"], tmp_path / "moved"),
+             "changed": copy_with_one_pixel_changed(env["root"], tmp_path / "changed")}
+    counts = {}
+    for name, root in roots.items():
+        s = run_sweep([env["run"][0]], out, classes="0", settings=settings,
+                      data_options=DataOptions(root=str(root), device="cpu"))
+        counts[name] = (s.computed, s.skipped, s.failed)
+    assert counts == {"first": (1, 0, []), "moved": (0, 1, []), "changed": (1, 0, [])}
+    hashes = {r.provenance["data_sha256"] for r in store.read_results(out)}
+    assert hashes == {load_dataset(DatasetSpec("cifar10", root=str(root))).content_sha256()
+                      for root in (roots["first"], roots["changed"])}
+    assert results_query.settings_differences(store.read_results(out)) == ["dataset", "data_sha256"]
 
 
 def test_twin_results_written_twice_keep_both_runs(env, tmp_path):

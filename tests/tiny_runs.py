@@ -7,6 +7,7 @@ tests/problems.py, a shared table rather than tests).
 from __future__ import annotations
 
 import pickle
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -72,6 +73,20 @@ def write_cifar10(root: Path, per_class: int = 6, test_per_class: int = 3, seed:
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": list(CIFAR10_CLASSES)}, fh)
     return root
+
+
+def copy_with_one_pixel_changed(root: Path, to: Path, class_index: int = 0) -> Path:
+    """A copy of the synthetic CIFAR-10 at ``root`` whose first training image of
+    ``class_index`` has one pixel value changed (a re-encoded copy in miniature)."""
+    shutil.copytree(root, to)
+    batch = to / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "rb") as fh:
+        content = pickle.load(fh)
+    first = content["labels"].index(class_index)
+    content["data"][first, 0] ^= 1
+    with open(batch, "wb") as fh:
+        pickle.dump(content, fh)
+    return to
 
 
 def spectra_checkpoint(model: torch.nn.Module, epoch: int, dataset: dict, method: str = "ce") -> dict:
