@@ -102,6 +102,7 @@ class LoadedCheckpoint:
     dataset: dict[str, Any] | None = None
     method: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    data_sha256: dict[str, str] | None = None  # split -> content hash of the data it was trained on
 
     def provenance(self) -> dict[str, Any]:
         """JSON-able description (everything but the model itself)."""
@@ -118,6 +119,13 @@ class LoadedCheckpoint:
 
 
 # ------------------------------------------------------------------ helpers
+def _data_hashes(value: Any) -> dict[str, str] | None:
+    """A spectra checkpoint's ``data_sha256`` ({split: hex}), None when absent or malformed."""
+    if isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return dict(value)
+    return None
+
+
 def located(path: str | os.PathLike[str]) -> Path:
     """Absolute path of a checkpoint in the folder it was found in: the folder is
     resolved (a symlinked run folder is its target), the file is not (a symlink
@@ -505,4 +513,5 @@ def load_checkpoint(
         dataset=dict(meta["dataset"]) if isinstance(meta.get("dataset"), Mapping) else None,
         method=_method_text(meta.get("method")),
         extra=extra,
+        data_sha256=_data_hashes(meta.get("data_sha256")),
     )

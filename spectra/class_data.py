@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from spectra.data import dataset_targets, is_integer_text
 
 __all__ = [
     "AnalysisError",
+    "OtherDataWarning",
     "DataOptions",
     "SampleSource",
     "ClassData",
@@ -51,6 +53,11 @@ __all__ = [
 # them can raise it; spectra.analysis exports it as part of its API.
 class AnalysisError(ValueError):
     """An analysis cannot run on the given input; the message is one line."""
+
+
+class OtherDataWarning(UserWarning):
+    """The images analysed are not those the checkpoint was trained on (its recorded
+    ``data_sha256``), though its data set spec selects them: a changed copy."""
 
 
 @dataclass
@@ -249,6 +256,7 @@ class DataCache:
         self.options = options
         self.rank, self.world = rank, world
         self._sources: dict[str, SampleSource] = {}
+        self._checked: set[tuple[str, str]] = set()
 
     def spec_for(self, checkpoint: LoadedCheckpoint) -> tuple[str, Any]:
         """``("builtin", DatasetSpec)`` or ``("factory", "pkg.mod:func")`` for this checkpoint."""
@@ -269,7 +277,23 @@ class DataCache:
                 self._sources[key] = _user_source(spec, self.options.split)
             else:
                 self._sources[key] = _builtin_source(spec, self.options.download)
+        if kind == "builtin":
+            self._warn_if_not_trained_on(checkpoint, spec, self._sources[key])
         return self._sources[key]
+
+    def _warn_if_not_trained_on(self, checkpoint: LoadedCheckpoint, spec: ds.DatasetSpec, source: SampleSource) -> None:
+        """Warn (once per data and recorded hash) when the checkpoint's own training images, as its
+        spec selects them, are not these: the data at the root was re-encoded or altered since."""
+        recorded = (checkpoint.data_sha256 or {}).get(spec.split)
+        if recorded is None or spec.split != "train" or not _same_selection(checkpoint.dataset, spec):
+            return  # nothing recorded, or other data asked for (its test set may have been capped)
+        found = str(source.identity.get("content_sha256", ""))
+        if found == recorded or (found, recorded) in self._checked:
+            return
+        self._checked.add((found, recorded))
+        warnings.warn(f"the {spec.name} {spec.split} images at {spec.root} are not those {checkpoint.path.name} "
+                      f"was trained on (content SHA-256 {found[:12]}… ≠ recorded {recorded[:12]}…; "
+                      "a re-encoded or altered copy?): the Hessians are of these images", OtherDataWarning, stacklevel=3)
 
     def class_data(self, checkpoint: LoadedCheckpoint, class_index: int) -> ClassData:
         """The samples of ``class_index`` (at most ``max_samples``), normalised:
@@ -293,6 +317,18 @@ class DataCache:
             targets=source.labels[mine].clone(), ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(),
             total_samples=len(positions),
         )
+
+
+def _same_selection(recorded: dict[str, Any] | None, spec: ds.DatasetSpec) -> bool:
+    """Whether ``spec`` selects the samples the recorded training spec selected (roots aside)."""
+    if recorded is None or recorded.get("max_samples") is not None:
+        return False
+    try:
+        trained = ds.DatasetSpec.from_dict(dict(recorded, root=None)).to_dict()
+    except ValueError:
+        return False
+    mine = spec.to_dict()
+    return all(trained.get(k) == mine.get(k) for k in mine if k not in ("root", "max_samples"))
 
 
 def _tensors_sha256(*tensors: torch.Tensor) -> str:

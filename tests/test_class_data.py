@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+import warnings
 
 import pytest
 import torch
 
 from spectra.checkpoints import load_checkpoint
-from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, resolve_classes
+from spectra.class_data import AnalysisError, ClassData, DataCache, DataOptions, OtherDataWarning, resolve_classes
 from spectra.datasets import CIFAR10_CLASSES, DatasetSpec, load_dataset
 
 from tiny_runs import TINY_ARCH, copy_with_one_pixel_changed, tiny_run
@@ -116,6 +117,34 @@ def test_data_identity_names_the_pixels_not_the_root(env, tmp_path):
     assert changed != a and {k for k in a if a[k] != changed[k]} == {"content_sha256"}
     capped = DataCache(DataOptions(root=str(env["root"]), max_samples=3)).identity(ck)
     assert capped != a
+
+
+def test_analysing_other_images_than_the_checkpoint_was_trained_on_warns(env, tmp_path):
+    """A checkpoint records the content hash of its training images; the same spec on a changed copy
+    (re-encoded, altered) warns once, naming both hashes; a moved copy, the test split and data the
+    user chose (another spec) do not."""
+    ck_path = tmp_path / "ckpt_epoch0001.pt"
+    content = torch.load(env["run"][0], weights_only=True)
+    trained = load_dataset(DatasetSpec("cifar10", root=str(env["root"]))).content_sha256()
+    torch.save(dict(content, data_sha256={"train": trained, "test": "0" * 64}), ck_path)
+    ck = load_checkpoint(ck_path)
+    assert ck.data_sha256 == {"train": trained, "test": "0" * 64}
+    changed = str(copy_with_one_pixel_changed(env["root"], tmp_path / "q50"))
+    moved = str(shutil.copytree(env["root"], tmp_path / "moved"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for options in (DataOptions(root=moved), DataOptions(root=moved, split="test"),
+                        DataOptions(root=changed, split="test"), DataOptions(root=changed, dataset="cifar10-lt")):
+            DataCache(options).identity(ck)
+    assert caught == []
+    cache = DataCache(DataOptions(root=changed))
+    with pytest.warns(OtherDataWarning, match=f"train images at {changed} are not those ckpt_epoch0001.pt was trained "
+                                              f"on .*≠ recorded {trained[:12]}"):
+        cache.identity(ck)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        cache.class_data(ck, 0)
+    assert again == []  # once per data and recorded hash, not per class
 
 
 def test_factory_identity_hashes_a_tensor_dataset_only(tmp_path, monkeypatch, env):
