@@ -105,7 +105,7 @@ PROVENANCE: dict[str, str] = {
     "data_sha256": "SHA-256 of the split's samples (built-in sets: the selected images' uint8 pixels, then their "
                    "int64 labels, as a training run's summary.json train_data_sha256 / test_data_sha256; a "
                    "TensorDataset: dtype, shape and bytes of inputs and labels); '' where not hashed (other "
-                   "factory data sets; entries written before spectra recorded it)",
+                   "factory data sets); absent in entries written before 2026-11-29",
     "class_counts": "JSON: samples per class in the split (before --max-samples)",
     "loss_fn": "loss whose Hessian is analysed ('ce' = mean cross-entropy; 'ldam' / 'vs' = mean LDAM / VS loss)",
     "loss": "value of that mean loss over the class samples at the checkpoint",
