@@ -1,0 +1,100 @@
+"""Head and tail |λmin/λmax| of every run of a results file, over epochs: the
+numbers behind the paper's figure (does the tail end nearer a saddle than the head?).
+
+Per run and epoch: the mean of |λmin/λmax| over the ``--group`` classes with the
+most training samples (head) and the ``--group`` with the fewest (tail), class
+sizes as the entries record them (``class_counts``); and every class's λmax and
+λmin. An epoch where a head or tail class has no entry yet (a sweep still
+running) is listed with its available classes but no head/tail mean.
+
+    python benchmarks/head_tail_ratio.py figure_cpu.h5 --group 3 --json head_tail.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import positive  # noqa: E402
+from spectra.results_query import class_sizes, eigen_table, list_runs  # noqa: E402
+from spectra.store import StoreError  # noqa: E402
+
+
+def head_and_tail(sizes: dict[int, int], group: int) -> tuple[list[int], list[int]]:
+    """The ``group`` largest and ``group`` smallest classes (ties by class index); they must not overlap."""
+    if 2 * group > len(sizes):
+        raise SystemExit(f"error: --group {group} needs {2 * group} classes; the file has {len(sizes)}")
+    order = sorted(sizes, key=lambda c: (-sizes[c], c))
+    return sorted(order[:group]), sorted(order[-group:])
+
+
+def _mean_ratio(point: dict[int, tuple[float, float]], classes: list[int]) -> float | None:
+    """Mean |λmin/λmax| over ``classes``; None when one of them is missing at this epoch."""
+    if any(c not in point for c in classes):
+        return None
+    return sum(abs(point[c][1] / point[c][0]) for c in classes) / len(classes)
+
+
+def run_summary(path: Path, run: Any, head: list[int], tail: list[int]) -> list[dict[str, Any]]:
+    """Per epoch of ``run``: head and tail mean ratio and each class's (λmax, λmin)."""
+    by_epoch: dict[int, dict[int, tuple[float, float]]] = {}
+    for c, series in eigen_table(path, run).items():
+        for e, lmax, lmin in zip(series.epochs, series.lambda_max, series.lambda_min):
+            if math.isfinite(lmax) and math.isfinite(lmin) and lmax != 0:
+                by_epoch.setdefault(int(e), {})[c] = (float(lmax), float(lmin))
+    return [{"epoch": e, "head_ratio": _mean_ratio(point, head), "tail_ratio": _mean_ratio(point, tail),
+             "lambda": {str(c): list(point[c]) for c in sorted(point)}}
+            for e, point in sorted(by_epoch.items())]
+
+
+def summarise(path: Path, group: int) -> dict[str, Any]:
+    """``{"head": [...], "tail": [...], "runs": {label: [per-epoch rows]}}`` of one results file."""
+    try:
+        sizes = class_sizes(path)
+        runs = list_runs(path)
+    except (OSError, ValueError, StoreError) as exc:
+        raise SystemExit(f"error: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    head, tail = head_and_tail(sizes, group)
+    return {"file": str(path), "head": head, "tail": tail, "class_sizes": {str(c): n for c, n in sorted(sizes.items())},
+            "runs": {run.label: run_summary(path, run, head, tail) for run in runs}}
+
+
+def _fmt(value: float | None) -> str:
+    return "   —  " if value is None else f"{value:.4f}"
+
+
+def print_table(summary: dict[str, Any], watch: int) -> None:
+    print(f"head classes {summary['head']}, tail classes {summary['tail']}; mean |λmin/λmax|; class {watch} λmax / λmin")
+    for label, rows in summary["runs"].items():
+        print(f"\n{label}\n  epoch   head    tail    class {watch}")
+        for row in rows:
+            lam = row["lambda"].get(str(watch))
+            lam_text = "—" if lam is None else f"{lam[0]:.2f} / {lam[1]:.3f}"
+            print(f"  {row['epoch']:5d}  {_fmt(row['head_ratio'])}  {_fmt(row['tail_ratio'])}  {lam_text}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="results file (.h5) of spectra sweep or spectra train --spectra-every")
+    parser.add_argument("--group", type=positive(int), default=3, help="classes in the head and in the tail (default 3)")
+    parser.add_argument("--watch", type=int, default=None, help="class whose λmax / λmin to print (default: the smallest)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    args = parser.parse_args(argv)
+    if not args.results.is_file():
+        raise SystemExit(f"error: {args.results} is not a file")
+    summary = summarise(args.results, args.group)
+    sizes = {int(c): n for c, n in summary["class_sizes"].items()}
+    watch = min(sizes, key=lambda c: (sizes[c], -c)) if args.watch is None else args.watch
+    if str(watch) not in summary["class_sizes"]:
+        raise SystemExit(f"error: --watch {watch}: the file has classes {', '.join(summary['class_sizes'])}")
+    print_table(summary, watch)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
