@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import spectra
 from problems import cnn_problem
 from spectra.graphed_product import GraphedProduct, padded_rows
 
