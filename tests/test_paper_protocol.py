@@ -78,6 +78,17 @@ def test_a_checkpoint_gives_exact_fixed_and_augmented_values(protocol, tmp_path,
     assert "Ritz, augmented (seed 1)" in capsys.readouterr().out
 
 
+def test_no_fixed_check_skips_only_the_fixed_ritz_run(protocol, tmp_path, capsys):
+    run = tiny_run(tmp_path)
+    out = tmp_path / "p.json"
+    protocol.main([str(run["run"][-1]), "--classes", "3", "--data-root", str(run["root"]), "--steps", "6",
+                   "--repeats", "1", "--no-fixed-check", "--json", str(out)])
+    (entry,) = json.loads(out.read_text())["entries"]
+    assert entry["ritz_fixed"] is None and entry["exact"]["lambda_max"] > 0 and len(entry["ritz_augmented"]) == 1
+    printed = capsys.readouterr().out
+    assert "Ritz, fixed operator" not in printed and "Ritz, augmented (seed 0)" in printed
+
+
 def test_bad_classes_are_one_line(protocol, tmp_path):
     with pytest.raises(SystemExit, match="--classes must be comma-separated integers"):
         protocol.main([str(tmp_path / "x.pt"), "--classes", "truck", "--data-root", str(tmp_path)])
