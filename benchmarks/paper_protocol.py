@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import positive  # noqa: E402
 import spectra  # noqa: E402
 from spectra import datasets as ds  # noqa: E402
+from spectra.class_data import DataCache, DataOptions  # noqa: E402
 from spectra.lanczos import lanczos_tridiagonal, random_probes  # noqa: E402
 from spectra.train.augment import PAD, crop_and_flip  # noqa: E402
 
@@ -73,21 +74,26 @@ def ritz_extremes(H: spectra.HessianOperator, steps: int, seed: int) -> tuple[fl
     return float(ritz[0]), float(ritz[-1])
 
 
-def class_images(checkpoint: spectra.LoadedCheckpoint, data_root: str, class_index: int,
-                 max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class's first ``max_samples`` training images (uint8 NHWC) of the checkpoint's own data set,
-    the images ``spectra eigs --max-samples`` analyses."""
-    if checkpoint.dataset is None:
-        raise SystemExit(f"error: {checkpoint.path} does not record its data set (train it with spectra train)")
-    spec = ds.DatasetSpec.from_dict({**checkpoint.dataset, "root": data_root, "split": "train"})
-    try:
-        loaded = ds.load_dataset(spec)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot load {spec.name} at {data_root}: {exc}") from None
-    positions = torch.nonzero(loaded.labels == class_index).flatten()[:max_samples]
-    if len(positions) == 0:
-        raise SystemExit(f"error: class {class_index} has no training images in {spec.name}")
-    return loaded.images[positions], loaded.labels[positions].long()
+class ClassImages:
+    """Each class's analysed training images as uint8 NHWC, for re-augmenting: the samples
+    ``spectra eigs --max-samples`` analyses (:meth:`DataCache.class_positions` chooses them)."""
+
+    def __init__(self, data_root: str, max_samples: int | None) -> None:
+        self.cache = DataCache(DataOptions(root=data_root, max_samples=max_samples), rank=0, world=1)
+        self._images: dict[str, torch.Tensor] = {}
+
+    def __call__(self, checkpoint: spectra.LoadedCheckpoint, class_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if checkpoint.dataset is None:
+            raise SystemExit(f"error: {checkpoint.path} does not record its data set (train it with spectra train)")
+        try:
+            positions = self.cache.class_positions(checkpoint, class_index)
+            _, spec = self.cache.spec_for(checkpoint)
+            key = json.dumps(spec.to_dict(), sort_keys=True)
+            if key not in self._images:  # the source keeps normalised inputs only; the pixels are read once more
+                self._images[key] = ds.load_dataset(spec).images
+        except (OSError, ValueError) as exc:  # AnalysisError is a ValueError
+            raise SystemExit(f"error: {checkpoint.path.name}: {exc}") from None
+        return self._images[key][positions], self.cache.source(checkpoint).labels[positions]
 
 
 def measure(checkpoint: spectra.LoadedCheckpoint, images: torch.Tensor, labels: torch.Tensor,
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoints", "json")},
                                "entries": []}
+    class_images = ClassImages(args.data_root, args.max_samples)
     for path in args.checkpoints:
         try:
             checkpoint = spectra.load_checkpoint(path)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {path}: {exc}") from None
         name = f"{path.parent.name}/{path.name}"
         for c in classes:
-            images, labels = class_images(checkpoint, args.data_root, c, args.max_samples)
+            images, labels = class_images(checkpoint, c)
             row = measure(checkpoint, images, labels, args)
             print_row(name, c, row)
             results["entries"].append({"checkpoint": str(path), "run": path.parent.name, "epoch": checkpoint.epoch,

@@ -295,18 +295,26 @@ class DataCache:
                       f"was trained on (content SHA-256 {found[:12]}… ≠ recorded {recorded[:12]}…; "
                       "a re-encoded or altered copy?): the Hessians are of these images", OtherDataWarning, stacklevel=3)
 
-    def class_data(self, checkpoint: LoadedCheckpoint, class_index: int) -> ClassData:
-        """The samples of ``class_index`` (at most ``max_samples``), normalised:
-        this rank's block of them; the provenance hash covers the whole class."""
+    def class_positions(self, checkpoint: LoadedCheckpoint, class_index: int) -> torch.Tensor:
+        """Positions in the split (:meth:`source` order) of the samples analysed for ``class_index``:
+        its first ``max_samples`` in data-set order (all of this class, every rank)."""
         source = self.source(checkpoint)
         _check_class_range(class_index, source.class_names)
         positions = torch.nonzero(source.labels == class_index).flatten()
         if self.options.max_samples is not None:
             positions = positions[: int(self.options.max_samples)]
-        name = source.class_names[class_index]
         if len(positions) == 0:
             where = source.description.get("name") or source.description.get("factory")
-            raise AnalysisError(f"class {class_index} ({name}) has no samples in {where} ({self.options.split} split)")
+            raise AnalysisError(f"class {class_index} ({source.class_names[class_index]}) has no samples in "
+                                f"{where} ({self.options.split} split)")
+        return positions
+
+    def class_data(self, checkpoint: LoadedCheckpoint, class_index: int) -> ClassData:
+        """The samples of ``class_index`` (at most ``max_samples``), normalised:
+        this rank's block of them; the provenance hash covers the whole class."""
+        source = self.source(checkpoint)
+        positions = self.class_positions(checkpoint, class_index)
+        name = source.class_names[class_index]
         ids = source.ids[positions].to(torch.int64).numpy().astype("<i8")
         rank = sd.current_rank() if self.rank is None else self.rank
         world = sd.current_world_size() if self.world is None else self.world

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from benchmark_scripts import load_script
+import spectra
 from spectra import datasets as ds
+from spectra.class_data import DataCache, DataOptions
 from tiny_runs import tiny_run
 
 
@@ -87,6 +89,17 @@ def test_no_fixed_check_skips_only_the_fixed_ritz_run(protocol, tmp_path, capsys
     assert entry["ritz_fixed"] is None and entry["exact"]["lambda_max"] > 0 and len(entry["ritz_augmented"]) == 1
     printed = capsys.readouterr().out
     assert "Ritz, fixed operator" not in printed and "Ritz, augmented (seed 0)" in printed
+
+
+def test_class_images_are_the_samples_spectra_analyses(protocol, tmp_path):
+    run = tiny_run(tmp_path)
+    checkpoint = spectra.load_checkpoint(run["run"][-1])
+    images, labels = protocol.ClassImages(str(run["root"]), 4)(checkpoint, 3)
+    analysed = DataCache(DataOptions(root=str(run["root"]), max_samples=4)).class_data(checkpoint, 3)
+    assert images.dtype == torch.uint8 and len(labels) == 4
+    assert torch.equal(ds.normalize(images), analysed.inputs) and torch.equal(labels, analysed.targets)
+    with pytest.raises(SystemExit, match=r"error: .*class 12 is out of range"):
+        protocol.ClassImages(str(run["root"]), 4)(checkpoint, 12)
 
 
 def test_bad_classes_are_one_line(protocol, tmp_path):
