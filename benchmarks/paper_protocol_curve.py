@@ -6,10 +6,11 @@ runs of one key are pooled by augmentation seed (a seed measured twice counts on
 Per run and class this prints the exact ratio, the paper's-way ratio (mean over
 seeds; every seed's value with ``--verbose``) and their quotient. With ``--out``, it
 draws one panel per class, with the exact values as solid lines and the paper's way as
-dashed lines (mean over seeds, each seed a dot), one colour per run, on a log axis.
+dashed lines (mean over seeds, each seed a dot), one colour per run, on a log axis;
+``--mark`` epochs (e.g. where DRW starts) as dotted lines.
 
     python benchmarks/paper_protocol_curve.py paper_protocol_epochs_class9.json \\
-        paper_protocol_epochs_class0.json paper_protocol_e200.json --out paper_protocol_curve.png
+        paper_protocol_epochs_class0.json paper_protocol_e200.json --out paper_protocol_curve.png --mark 160
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def print_table(rows: list[dict[str, Any]], verbose: bool) -> None:
         print(line)
 
 
-def plot(curves: dict[tuple[str, int], dict[int, Point]], out: Path) -> None:
+def plot(curves: dict[tuple[str, int], dict[int, Point]], out: Path, marks: list[int]) -> None:
     classes = sorted({c for _, c in curves})
     runs = sorted({run for run, _ in curves})
     colours = {run: f"C{i}" for i, run in enumerate(runs)}
@@ -100,6 +101,8 @@ def plot(curves: dict[tuple[str, int], dict[int, Point]], out: Path) -> None:
             for e in measured:
                 ax.plot([e] * len(points[e].augmented), list(points[e].augmented.values()), ".",
                         color=colours[run], alpha=0.6)
+        for epoch in marks:
+            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1)
         ax.set_yscale("log")
         ax.set_title(f"class {c}")
         ax.set_xlabel("epoch")
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="+", type=Path, help="JSON files written by paper_protocol.py --json")
     parser.add_argument("--out", type=Path, default=None, help="draw the curves into this image")
     parser.add_argument("--json", type=Path, default=None, help="write the table here")
+    parser.add_argument("--mark", type=int, action="append", default=[],
+                        help="draw a dotted line at this epoch (e.g. 160, where DRW starts); repeatable")
     parser.add_argument("--verbose", action="store_true", help="print every augmentation seed's ratio")
     args = parser.parse_args(argv)
     if args.out is not None:
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         args.json.write_text(json.dumps({"sources": [str(p) for p in args.results], "rows": rows}, indent=1) + "\n")
     if args.out is not None:
-        plot(curves, args.out)
+        plot(curves, args.out, args.mark)
         print(f"wrote {args.out}")
 
 

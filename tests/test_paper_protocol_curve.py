@@ -45,7 +45,7 @@ def test_files_merge_and_seeds_pool(curve, tmp_path, capsys):
 def test_the_figure_is_drawn(curve, tmp_path):
     results = _write(tmp_path / "a.json", [_entry(run, c, e, (10.0, -1.0), {0: (10.0, -3.0)})
                                            for run in ("drw", "sam") for c in (0, 9) for e in (1, 20)])
-    curve.main([str(results), "--out", str(tmp_path / "curve")])
+    curve.main([str(results), "--out", str(tmp_path / "curve"), "--mark", "10"])
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
