@@ -89,7 +89,7 @@ class ClassImages:
             positions = self.cache.class_positions(checkpoint, class_index)
             _, spec = self.cache.spec_for(checkpoint)
             key = json.dumps(spec.to_dict(), sort_keys=True)
-            if key not in self._images:  # the source keeps normalised inputs only; the pixels are read once more
+            if key not in self._images:  # the source hands out normalised inputs only: read the pixels once more
                 self._images[key] = ds.load_dataset(spec).images
         except (OSError, ValueError) as exc:  # AnalysisError is a ValueError
             raise SystemExit(f"error: {checkpoint.path.name}: {exc}") from None
