@@ -80,20 +80,16 @@ class ClassImages:
 
     def __init__(self, data_root: str, max_samples: int | None) -> None:
         self.cache = DataCache(DataOptions(root=data_root, max_samples=max_samples), rank=0, world=1)
-        self._images: dict[str, torch.Tensor] = {}
 
     def __call__(self, checkpoint: spectra.LoadedCheckpoint, class_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if checkpoint.dataset is None:
             raise SystemExit(f"error: {checkpoint.path} does not record its data set (train it with spectra train)")
         try:
             positions = self.cache.class_positions(checkpoint, class_index)
-            _, spec = self.cache.spec_for(checkpoint)
-            key = json.dumps(spec.to_dict(), sort_keys=True)
-            if key not in self._images:  # the source hands out normalised inputs only: read the pixels once more
-                self._images[key] = ds.load_dataset(spec).images
         except (OSError, ValueError) as exc:  # AnalysisError is a ValueError
             raise SystemExit(f"error: {checkpoint.path.name}: {exc}") from None
-        return self._images[key][positions], self.cache.source(checkpoint).labels[positions]
+        source = self.cache.source(checkpoint)
+        return source.pixels[positions], source.labels[positions]
 
 
 def measure(checkpoint: spectra.LoadedCheckpoint, images: torch.Tensor, labels: torch.Tensor,

@@ -103,6 +103,8 @@ class SampleSource:
     ``identity``: what the data is, without where it lies (the settings hash
     covers it); its ``content_sha256`` names the samples' pixels and labels
     where they can be hashed cheaply (built-in sets, a ``TensorDataset``).
+    ``pixels``: the built-in sets' uint8 NHWC images before normalisation
+    (indexed like ``labels``), for callers that transform them; None for factories.
     """
 
     description: dict[str, Any]
@@ -111,6 +113,7 @@ class SampleSource:
     ids: torch.Tensor
     class_names: list[str]
     fetch: Callable[[torch.Tensor], torch.Tensor]
+    pixels: torch.Tensor | None = None
 
     @property
     def class_counts(self) -> list[int]:
@@ -199,7 +202,7 @@ def _builtin_source(spec: ds.DatasetSpec, download: bool) -> SampleSource:
     # The pixels, not only the spec: a re-encoded copy at another root is other data.
     identity = {k: v for k, v in description.items() if k != "root"} | {"content_sha256": loaded.content_sha256()}
     return SampleSource(description=description, identity=identity, labels=loaded.labels.long(),
-                        ids=loaded.indices.long(), class_names=list(loaded.class_names), fetch=fetch)
+                        ids=loaded.indices.long(), class_names=list(loaded.class_names), fetch=fetch, pixels=images)
 
 
 def _class_labels(labels: torch.Tensor, factory: str) -> torch.Tensor:
