@@ -70,3 +70,30 @@ def test_bad_input_is_one_line(head_tail, tmp_path):
     junk.write_text("not hdf5")
     with pytest.raises(SystemExit, match="error: cannot read"):
         head_tail.main([str(junk)])
+
+
+def test_two_files_read_as_one_and_a_paired_count(head_tail, tmp_path, capsys):
+    """Run "a" in one file, run "b" (twice a's ratio, class 0 missing at epoch 20) in another."""
+    paths = []
+    for run, scale in (("a", 1.0), ("b", 2.0)):
+        paths.append(tmp_path / f"{run}.h5")
+        with ResultsWriter(paths[-1]) as w:
+            for epoch in (10, 20, 30) if run == "b" else (10, 20):
+                for cls in range(4):
+                    if not (run == "b" and epoch == 20 and cls == 0):
+                        w.write(_record(epoch, cls, 10.0 * (cls + 1), -scale * epoch * (cls + 1) / 10, run))
+    out = tmp_path / "s.json"
+    head_tail.main([*map(str, paths), "--group", "2", "--versus", "a", "--json", str(out)])
+    summary = json.loads(out.read_text())
+    assert summary["file"] == f"{paths[0]} + {paths[1]}" and sorted(summary["runs"]) == ["a", "b"]
+    counts = summary["versus"]["counts"]
+    assert summary["versus"]["run"] == "a" and list(counts) == ["b"]
+    # epoch 30 exists only in b: not compared; at epoch 20 only the classes both runs have count
+    assert counts["b"] == [{"epoch": 10, "classes": 4, "higher": 4, "higher_classes": [0, 1, 2, 3]},
+                           {"epoch": 20, "classes": 3, "higher": 3, "higher_classes": [1, 2, 3]}]
+    assert "10: 4/4  20: 3/3" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--versus c: runs are a, b"):
+        head_tail.main([*map(str, paths), "--group", "2", "--versus", "c"])
+    # reversed, no class of a is higher
+    head_tail.main([*map(str, paths), "--group", "2", "--versus", "b", "--json", str(out)])
+    assert [r["higher"] for r in json.loads(out.read_text())["versus"]["counts"]["a"]] == [0, 0]
