@@ -11,7 +11,7 @@ other run, the classes whose ratio is higher than RUN's (a paired reading of
 two runs, class by class).
 
     python benchmarks/head_tail_ratio.py figure_cpu.h5 --group 3 --json head_tail.json
-    python benchmarks/head_tail_ratio.py ce_drw_s0.h5 figure_cpu.h5 --versus ce-drw-sam-s0
+    python benchmarks/head_tail_ratio.py ce_drw_s0.h5 figure_cpu.h5 --versus ce-drw-s0
 """
 from __future__ import annotations
 
@@ -40,7 +40,12 @@ def _mean_ratio(point: dict[int, tuple[float, float]], classes: list[int]) -> fl
     """Mean |λmin/λmax| over ``classes``; None when one of them is missing at this epoch."""
     if any(c not in point for c in classes):
         return None
-    return sum(abs(point[c][1] / point[c][0]) for c in classes) / len(classes)
+    return sum(_ratio(point[c]) for c in classes) / len(classes)
+
+
+def _ratio(lam: tuple[float, float] | list[float]) -> float:
+    """|λmin/λmax| of one (λmax, λmin)."""
+    return abs(lam[1] / lam[0])
 
 
 def run_summary(path: ResultsFiles, run: Any, head: list[int], tail: list[int]) -> list[dict[str, Any]]:
@@ -68,7 +73,7 @@ def summarise(path: ResultsFiles, group: int) -> dict[str, Any]:
 
 
 def _class_ratios(row: dict[str, Any]) -> dict[str, float]:
-    return {c: abs(lmin / lmax) for c, (lmax, lmin) in row["lambda"].items()}
+    return {c: _ratio(lam) for c, lam in row["lambda"].items()}
 
 
 def versus(summary: dict[str, Any], base: str) -> dict[str, list[dict[str, Any]]]:
