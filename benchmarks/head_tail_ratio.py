@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.results:
         if not path.is_file():
             raise SystemExit(f"error: {path} is not a file")
-    summary = summarise(args.results[0] if len(args.results) == 1 else args.results, args.group)
+    summary = summarise(args.results, args.group)
     sizes = {int(c): n for c, n in summary["class_sizes"].items()}
     watch = min(sizes, key=lambda c: (sizes[c], -c)) if args.watch is None else args.watch
     if str(watch) not in summary["class_sizes"]:
