@@ -824,6 +824,9 @@ class Trainer:
             "amp": c.amp,
             "world_size": self.dist.world_size,
             "backend": self.dist.backend,
+            # Timing covers this process only: a resumed run (maybe on another device) reports its last leg.
+            "resumed_after_epoch": self.start_epoch - 1,
+            "timed_epochs": train_epochs,
             "wall_time_s": wall,
             "seconds_per_epoch": per_epoch,
             "images_per_s": (self.batches.images_per_epoch / per_epoch) if per_epoch else None,

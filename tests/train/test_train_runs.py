@@ -76,6 +76,9 @@ def test_resume_ends_with_the_same_weights(method, last_batch, cifar10_root, tmp
     assert first.summary["stopped_early"] and first.summary["epochs_completed"] == 1
     resumed = fit(resolve_config(method, **base), tmp_path / "split", resume=True, log=lambda m: None)
     assert resumed.summary["epochs_completed"] == 3
+    # its timing covers the resumed leg: epochs 2-3, the first of a process untimed (it includes set-up), the last timed
+    assert (full.summary["resumed_after_epoch"], full.summary["timed_epochs"]) == (0, 2)
+    assert (resumed.summary["resumed_after_epoch"], resumed.summary["timed_epochs"]) == (1, 1)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
