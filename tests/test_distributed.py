@@ -90,9 +90,14 @@ def train_weights(rank: int, world: int, use_ddp: bool) -> list[np.ndarray]:
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
+def _stage_file(out: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` records how far it got."""
+    return Path(f"{out}.rank{rank}")
+
+
 def _mark(out: str, rank: int, stage: str) -> None:
     """Record how far this rank got, so a rank that dies says where (see ``two_ranks``)."""
-    Path(f"{out}.rank{rank}").write_text(stage)
+    _stage_file(out, rank).write_text(stage)
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -152,15 +157,15 @@ def _spawn_ranks(out: Path) -> None:
     except mp.ProcessExitedException as exc:
         if exc.signal_name is None:  # a non-zero exit code is a real failure
             raise
-        stages = {r: Path(f"{out}.rank{r}").read_text() if Path(f"{out}.rank{r}").exists() else "not started"
+        stages = {r: _stage_file(out, r).read_text() if _stage_file(out, r).exists() else "not started"
                   for r in range(WORLD)}
         raise RankKilled(f"{exc}; ranks had reached {stages}") from exc
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    """The 2-rank results. A rank that dies by a signal (gloo has rare native aborts on
-    a loaded machine, seen once in CI) gets one fresh try; a second death is a failure,
+    """The 2-rank results. A rank that dies by a signal (a native gloo abort, seen once
+    in CI and never reproduced here) gets one fresh try; a second death is a failure,
     and a Python error in a rank never gets a retry."""
     start = time.perf_counter()
     out = Path(tmp_path_factory.mktemp("dist")) / "rank0.pt"
