@@ -121,7 +121,8 @@ def measure(checkpoint: spectra.LoadedCheckpoint, images: torch.Tensor, labels: 
     return row
 
 
-def _ratio(entry: dict[str, float]) -> float:
+def ratio(entry: dict[str, float]) -> float:
+    """|λmin/λmax| of one measurement (an ``exact``, ``ritz_fixed`` or ``ritz_augmented`` entry)."""
     return abs(entry["lambda_min"] / entry["lambda_max"])
 
 
@@ -129,13 +130,13 @@ def print_row(name: str, class_index: int, row: dict[str, Any]) -> None:
     e, f = row["exact"], row["ritz_fixed"]
     print(f"{name} class {class_index} ({row['images']} images)")
     print(f"  exact (tol, {e['products']} products): λmax {e['lambda_max']:.3f}  λmin {e['lambda_min']:.4f}  "
-          f"ratio {_ratio(e):.4f}")
+          f"ratio {ratio(e):.4f}")
     if f is not None:
         print(f"  Ritz, fixed operator      : λmax {f['lambda_max']:.3f}  λmin {f['lambda_min']:.4f}  "
-              f"ratio {_ratio(f):.4f}")
+              f"ratio {ratio(f):.4f}")
     for a in row["ritz_augmented"]:
         print(f"  Ritz, augmented (seed {a['seed']})  : λmax {a['lambda_max']:.3f}  λmin {a['lambda_min']:.4f}  "
-              f"ratio {_ratio(a):.4f}")
+              f"ratio {ratio(a):.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:

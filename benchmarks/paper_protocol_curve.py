@@ -25,12 +25,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_protocol import ratio  # noqa: E402  (the writer's reading of its own entries)
 from spectra.plots import image_path, save_figure  # noqa: E402
-
-
-def ratio(values: dict[str, float]) -> float:
-    """|λmin/λmax| of one measurement."""
-    return abs(values["lambda_min"] / values["lambda_max"])
 
 
 @dataclass

@@ -56,8 +56,9 @@ class AnalysisError(ValueError):
 
 
 class OtherDataWarning(UserWarning):
-    """The images analysed are not those the checkpoint was trained on (its recorded
-    ``data_sha256``), though its data set spec selects them: a changed copy."""
+    """The images analysed are not those the checkpoint was trained (or, for the test
+    split, evaluated) on by its recorded ``data_sha256``, though its data set spec
+    selects them: a changed copy."""
 
 
 @dataclass
@@ -285,17 +286,18 @@ class DataCache:
         return self._sources[key]
 
     def _warn_if_not_trained_on(self, checkpoint: LoadedCheckpoint, spec: ds.DatasetSpec, source: SampleSource) -> None:
-        """Warn (once per data and recorded hash) when the checkpoint's own training images, as its
-        spec selects them, are not these: the data at the root was re-encoded or altered since."""
+        """Warn (once per data and recorded hash) when the checkpoint's own training (test) images,
+        as its spec selects them, are not these: the data at the root was re-encoded or altered since."""
         recorded = (checkpoint.data_sha256 or {}).get(spec.split)
-        if recorded is None or spec.split != "train" or not _same_selection(checkpoint.dataset, spec):
-            return  # nothing recorded, or other data asked for (its test set may have been capped)
+        if recorded is None or not _same_selection(_trained_selection(checkpoint, spec.split), spec):
+            return  # nothing recorded, or other data asked for
         found = str(source.identity.get("content_sha256", ""))
         if found == recorded or (found, recorded) in self._checked:
             return
         self._checked.add((found, recorded))
+        used = "trained" if spec.split == "train" else "evaluated"
         warnings.warn(f"the {spec.name} {spec.split} images at {spec.root} are not those {checkpoint.path.name} "
-                      f"was trained on (content SHA-256 {found[:12]}… ≠ recorded {recorded[:12]}…; "
+                      f"was {used} on (content SHA-256 {found[:12]}… ≠ recorded {recorded[:12]}…; "
                       "a re-encoded or altered copy?): the Hessians are of these images", OtherDataWarning, stacklevel=3)
 
     def class_positions(self, checkpoint: LoadedCheckpoint, class_index: int) -> torch.Tensor:
@@ -328,6 +330,17 @@ class DataCache:
             targets=source.labels[mine].clone(), ids_sha256=hashlib.sha256(ids.tobytes()).hexdigest(),
             total_samples=len(positions),
         )
+
+
+def _trained_selection(checkpoint: LoadedCheckpoint, split: str) -> dict[str, Any] | None:
+    """The recorded spec of the ``split`` samples whose hash the checkpoint holds: its training
+    spec, or for the test split that spec with the run's ``max_test_samples`` (None: unknown)."""
+    if split == "train" or checkpoint.dataset is None:
+        return checkpoint.dataset
+    config = checkpoint.extra.get("config")
+    if not isinstance(config, dict) or "max_test_samples" not in config:
+        return None  # a checkpoint without its training config: the test cap is unknown
+    return dict(checkpoint.dataset, split=split, max_samples=config["max_test_samples"])
 
 
 def _same_selection(recorded: dict[str, Any] | None, spec: ds.DatasetSpec) -> bool:

@@ -121,8 +121,8 @@ def test_data_identity_names_the_pixels_not_the_root(env, tmp_path):
 
 def test_analysing_other_images_than_the_checkpoint_was_trained_on_warns(env, tmp_path):
     """A checkpoint records the content hash of its training images; the same spec on a changed copy
-    (re-encoded, altered) warns once, naming both hashes; a moved copy, the test split and data the
-    user chose (another spec) do not."""
+    (re-encoded, altered) warns once, naming both hashes; a moved copy, the test split of a checkpoint
+    without its config and data the user chose (another spec) do not."""
     ck_path = tmp_path / "ckpt_epoch0001.pt"
     content = torch.load(env["run"][0], weights_only=True)
     trained = load_dataset(DatasetSpec("cifar10", root=str(env["root"]))).content_sha256()
@@ -145,6 +145,32 @@ def test_analysing_other_images_than_the_checkpoint_was_trained_on_warns(env, tm
         warnings.simplefilter("always")
         cache.class_data(ck, 0)
     assert again == []  # once per data and recorded hash, not per class
+
+
+def test_analysing_other_test_images_than_the_checkpoint_was_evaluated_on_warns(env, tmp_path):
+    """The test split's recorded hash is checked too, when the run's config says its test set was
+    whole (max_test_samples None); a capped test set, or no recorded config, is not compared."""
+    content = torch.load(env["run"][0], weights_only=True)
+    evaluated = load_dataset(DatasetSpec("cifar10", root=str(env["root"]), split="test")).content_sha256()
+    hashes = {"train": "0" * 64, "test": evaluated}
+    changed = str(copy_with_one_pixel_changed(env["root"], tmp_path / "q50", batch_file="test_batch"))
+
+    def checkpoint(config: dict, name: str):
+        path = tmp_path / name
+        torch.save(dict(content, data_sha256=hashes, config=config), path)
+        return load_checkpoint(path)
+
+    whole = checkpoint({"max_test_samples": None}, "ckpt_epoch0001.pt")
+    with pytest.warns(OtherDataWarning, match=f"test images at {changed} are not those ckpt_epoch0001.pt was "
+                                              f"evaluated on .*≠ recorded {evaluated[:12]}"):
+        DataCache(DataOptions(root=changed, split="test")).identity(whole)
+    capped, unknown = checkpoint({"max_test_samples": 5}, "capped.pt"), checkpoint({}, "unknown.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DataCache(DataOptions(root=str(env["root"]), split="test")).identity(whole)  # the images it was evaluated on
+        for ck in (capped, unknown):
+            DataCache(DataOptions(root=changed, split="test")).identity(ck)
+    assert caught == []
 
 
 def test_factory_identity_hashes_a_tensor_dataset_only(tmp_path, monkeypatch, env):

@@ -75,11 +75,12 @@ def write_cifar10(root: Path, per_class: int = 6, test_per_class: int = 3, seed:
     return root
 
 
-def copy_with_one_pixel_changed(root: Path, to: Path, class_index: int = 0) -> Path:
-    """A copy of the synthetic CIFAR-10 at ``root`` whose first training image of
-    ``class_index`` has one pixel value changed (a re-encoded copy in miniature)."""
+def copy_with_one_pixel_changed(root: Path, to: Path, class_index: int = 0, batch_file: str = "data_batch_1") -> Path:
+    """A copy of the synthetic CIFAR-10 at ``root`` whose first image of ``class_index``
+    in ``batch_file`` (``test_batch``: the test split) has one pixel value changed (a
+    re-encoded copy in miniature)."""
     shutil.copytree(root, to)
-    batch = to / "cifar-10-batches-py" / "data_batch_1"
+    batch = to / "cifar-10-batches-py" / batch_file
     with open(batch, "rb") as fh:
         content = pickle.load(fh)
     first = content["labels"].index(class_index)

@@ -770,7 +770,7 @@ class Trainer:
             stored = self._stored_summary()
             if stored is not None:
                 return FitResult(self.out_dir, stored, self.model, already_complete=True)
-        summary = self._summary(self.epoch - 1, time.perf_counter() - self._t_start, self._train_seconds, self._train_epochs, self._stopped_early)
+        summary = self._summary()
         if self.dist.is_writer:
             atomic_write_json(self.out_dir / "summary.json", summary)
         return FitResult(self.out_dir, summary, self.model, already_complete=self.already_complete)
@@ -802,15 +802,16 @@ class Trainer:
         else:
             self.log(f"[{self.config.method}] epoch {r['epoch']}/{self.config.epochs} " + " ".join(f"{k} {v}" for k, v in fields.items()))
 
-    def _summary(self, last_epoch: int, wall: float, train_seconds: float, train_epochs: int, stopped_early: bool) -> dict[str, Any]:
+    def _summary(self) -> dict[str, Any]:
+        """The run's summary.json, as of now (after :meth:`train`)."""
         c = self.config
-        per_epoch = train_seconds / train_epochs if train_epochs else None
+        per_epoch = self._train_seconds / self._train_epochs if self._train_epochs else None
         return {
             "method": c.method,
             "dataset": c.dataset,
-            "epochs_completed": last_epoch,
+            "epochs_completed": self.epoch - 1,
             "epochs_planned": c.epochs,
-            "stopped_early": stopped_early,
+            "stopped_early": self._stopped_early,
             "final": self.metrics,
             "best": self.best,
             "tail_classes": tail_classes(self.class_counts, c.tail_fraction),
@@ -826,8 +827,8 @@ class Trainer:
             "backend": self.dist.backend,
             # Timing covers this process only: a resumed run (maybe on another device) reports its last leg.
             "resumed_after_epoch": self.start_epoch - 1,
-            "timed_epochs": train_epochs,
-            "wall_time_s": wall,
+            "timed_epochs": self._train_epochs,
+            "wall_time_s": time.perf_counter() - self._t_start,
             "seconds_per_epoch": per_epoch,
             "images_per_s": (self.batches.images_per_epoch / per_epoch) if per_epoch else None,
             "pgd_perturbations": float(self.state.pgd_count) if c.optimizer == "pgd" else None,
