@@ -282,14 +282,14 @@ class DataCache:
             else:
                 self._sources[key] = _builtin_source(spec, self.options.download)
         if kind == "builtin":
-            self._warn_if_not_trained_on(checkpoint, spec, self._sources[key])
+            self._warn_if_other_images(checkpoint, spec, self._sources[key])
         return self._sources[key]
 
-    def _warn_if_not_trained_on(self, checkpoint: LoadedCheckpoint, spec: ds.DatasetSpec, source: SampleSource) -> None:
+    def _warn_if_other_images(self, checkpoint: LoadedCheckpoint, spec: ds.DatasetSpec, source: SampleSource) -> None:
         """Warn (once per data and recorded hash) when the checkpoint's own training (test) images,
         as its spec selects them, are not these: the data at the root was re-encoded or altered since."""
         recorded = (checkpoint.data_sha256 or {}).get(spec.split)
-        if recorded is None or not _same_selection(_trained_selection(checkpoint, spec.split), spec):
+        if recorded is None or not _same_selection(_recorded_selection(checkpoint, spec.split), spec):
             return  # nothing recorded, or other data asked for
         found = str(source.identity.get("content_sha256", ""))
         if found == recorded or (found, recorded) in self._checked:
@@ -332,7 +332,7 @@ class DataCache:
         )
 
 
-def _trained_selection(checkpoint: LoadedCheckpoint, split: str) -> dict[str, Any] | None:
+def _recorded_selection(checkpoint: LoadedCheckpoint, split: str) -> dict[str, Any] | None:
     """The recorded spec of the ``split`` samples whose hash the checkpoint holds: its training
     spec, or for the test split that spec with the run's ``max_test_samples`` (None: unknown)."""
     if split == "train" or checkpoint.dataset is None:
@@ -344,7 +344,7 @@ def _trained_selection(checkpoint: LoadedCheckpoint, split: str) -> dict[str, An
 
 
 def _same_selection(recorded: dict[str, Any] | None, spec: ds.DatasetSpec) -> bool:
-    """Whether ``spec`` selects the samples the recorded training spec selected (roots aside)."""
+    """Whether ``spec`` selects the samples the recorded spec (of either split) selected (roots aside)."""
     if recorded is None or recorded.get("max_samples") is not None:
         return False
     try:
